@@ -1,0 +1,155 @@
+"""Command line: `python -m processor {run,demo,broker,produce,consume,plan}`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Sequence
+
+from processor import __version__
+from processor.settings import ConfigurationError, load_settings
+
+EXIT_CONFIG = 2
+log = logging.getLogger("processor")
+
+
+def _run(_args: argparse.Namespace) -> int:
+    from processor.engines import create_engine
+    from processor.engines.base import EngineStartupError
+    from processor.logs import configure_logging
+    from processor.loop import Worker
+
+    settings = load_settings()
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        engine = create_engine(settings)
+    except EngineStartupError as exc:
+        log.error("engine failed to start: %s", exc)
+        return EXIT_CONFIG
+    worker = Worker(settings, engine)
+    if settings.metrics_port is not None:
+        port = worker.metrics.serve(settings.metrics_port)
+        log.info("metrics, /healthz and /readyz on port %d", port)
+    worker.install_signal_handlers()
+    try:
+        return worker.run()
+    finally:
+        worker.metrics.close()
+        engine.close()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from processor.demo import run_demo
+    from processor.logs import configure_logging
+
+    configure_logging("text", "WARNING")
+    return run_demo(engine=args.engine, model=args.model, repeat=args.repeat)
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from processor.broker import EmbeddedBroker, ensure_topics
+
+    settings = load_settings()
+    with EmbeddedBroker(port=args.port) as broker:
+        ensure_topics(
+            broker.bootstrap,
+            {settings.kafka_input_topic: args.partitions, settings.kafka_output_topic: args.partitions, settings.kafka_dlq_topic: 1},
+        )
+        print(f"embedded broker (Tansu, memory-only) on {broker.bootstrap}; Ctrl-C stops it", flush=True)
+        print(f"export KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap}", flush=True)
+        stop = {"now": False}
+        signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+        try:
+            while not stop["now"] and broker.process is not None and broker.process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _produce(args: argparse.Namespace) -> int:
+    from processor.tools import produce_events, read_json_lines
+
+    settings = load_settings()
+    stream = open(args.file, encoding="utf-8") if args.file != "-" else sys.stdin
+    with stream:
+        placed = produce_events(settings.kafka_common(), args.topic or settings.kafka_input_topic, read_json_lines(stream))
+    print(f"produced {len(placed)} event(s) to {args.topic or settings.kafka_input_topic}", file=sys.stderr)
+    return 0
+
+
+def _consume(args: argparse.Namespace) -> int:
+    from processor.tools import read_topic
+
+    settings = load_settings()
+    topic = args.topic or (settings.kafka_dlq_topic if args.dlq else settings.kafka_output_topic)
+    for record in read_topic(settings.kafka_common(), topic, dead_letters=args.dlq, max_records=args.max, idle_timeout_s=args.idle_timeout):
+        print(json.dumps(record, ensure_ascii=False), flush=True)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from processor.capacity import GIB, load_model_config, plan_for
+
+    settings = load_settings()
+    quantization = settings.vllm_quantization if args.quantization is None else (args.quantization or None)
+    plan = plan_for(load_model_config(args.model_config), int(args.gpu_memory_gib * GIB), settings, quantization)
+    print(f"model config {args.model_config}, quantization {quantization or 'none'}, "
+          f"VLLM_MAX_MODEL_LEN={settings.vllm_max_model_len}, SAMPLING_MAX_TOKENS={settings.sampling_max_tokens}")
+    print(plan.report())
+    return 0 if plan.kv_tokens >= settings.vllm_max_model_len else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m processor",
+        description="The AI worker: consume search-result events, summarise them with an LLM, publish summaries. "
+        "Configuration comes from the environment (see README).",
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("run", help="run the stream processor (configured by environment variables)").set_defaults(func=_run)
+
+    demo = commands.add_parser("demo", help="embedded broker + sample Korean/English events + the processor; prints summaries")
+    demo.add_argument("--engine", default="extractive", choices=["extractive", "transformers"])
+    demo.add_argument("--model", help="model directory for --engine transformers")
+    demo.add_argument("--repeat", type=int, default=1, help="send the sample events this many times (throughput)")
+    demo.set_defaults(func=_demo)
+
+    broker = commands.add_parser("broker", help="run the embedded broker (Tansu) in the foreground for local work")
+    broker.add_argument("--port", type=int, default=9092)
+    broker.add_argument("--partitions", type=int, default=3)
+    broker.set_defaults(func=_broker)
+
+    produce = commands.add_parser("produce", help="JSON lines (one event per line) → Avro events on the input topic")
+    produce.add_argument("file", nargs="?", default="-", help="a .jsonl file, or - for standard input")
+    produce.add_argument("--topic", help="default: KAFKA_INPUT_TOPIC")
+    produce.set_defaults(func=_produce)
+
+    consume = commands.add_parser("consume", help="decode summaries (or dead letters) to JSON lines")
+    consume.add_argument("--dlq", action="store_true", help="read KAFKA_DLQ_TOPIC and print dead letters")
+    consume.add_argument("--topic", help="default: KAFKA_OUTPUT_TOPIC, or KAFKA_DLQ_TOPIC with --dlq")
+    consume.add_argument("--max", type=int, help="stop after this many records")
+    consume.add_argument("--idle-timeout", type=float, default=3.0, help="stop after this many seconds without a record")
+    consume.set_defaults(func=_consume)
+
+    plan = commands.add_parser("plan", help="print the KV-cache capacity plan for a model config (no weights loaded)")
+    plan.add_argument("model_config", help="a model's config.json, or its directory")
+    plan.add_argument("--gpu-memory-gib", type=float, default=12.0, help="GPU memory (RTX 4070: 12)")
+    plan.add_argument("--quantization", help="override VLLM_QUANTIZATION ('' for none)")
+    plan.set_defaults(func=_plan)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigurationError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG

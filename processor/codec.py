@@ -1,0 +1,134 @@
+"""Avro wire format: single-object encoding (Avro spec, "Single object encoding"), written and read with fastavro.
+
+A message is `C3 01`, the 8-byte little-endian CRC-64-AVRO fingerprint of the writer schema's Parsing Canonical
+Form, then the Avro binary body. The reader finds the writer schema by fingerprint among every version kept in
+`schemas/` and resolves it to the newest version of the same record (schema evolution).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+SINGLE_OBJECT_MAGIC = b"\xc3\x01"
+HEADER_LENGTH = len(SINGLE_OBJECT_MAGIC) + 8
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+
+EVENT_SCHEMA = "ai_worker.SearchResultEvent"
+SUMMARY_SCHEMA = "ai_worker.SearchSummary"
+DEAD_LETTER_SCHEMA = "ai_worker.DeadLetter"
+
+
+class DecodeError(Exception):
+    """A record's bytes cannot be read as any schema this worker knows; it belongs in the dead-letter topic."""
+
+
+class BadMagicError(DecodeError):
+    """The value does not start with Avro single-object encoding's C3 01 marker."""
+
+
+class UnknownSchemaError(DecodeError):
+    """The fingerprint matches no schema version in schemas/: deploy the schema the producer writes with."""
+
+
+class CorruptBodyError(DecodeError):
+    """The header is fine but the Avro body is truncated or does not match its schema."""
+
+
+def spec_fingerprint(parsed_schema: dict[str, Any]) -> bytes:
+    """The 8 header bytes: CRC-64-AVRO of the Parsing Canonical Form, little-endian.
+
+    fastavro's hex digest is already in the spec's byte order (little-endian), unlike Java's long.
+    """
+    return bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed_schema), "CRC-64-AVRO"))
+
+
+@dataclass(frozen=True)
+class SchemaVersion:
+    name: str  # full name, e.g. ai_worker.SearchResultEvent
+    version: int
+    path: Path
+    parsed: dict[str, Any]
+    fingerprint: bytes
+
+    @property
+    def header(self) -> bytes:
+        return SINGLE_OBJECT_MAGIC + self.fingerprint
+
+
+class SchemaStore:
+    """Every `<name>.v<N>.avsc` under a folder, parsed once, indexed by fingerprint and by record name."""
+
+    def __init__(self, folder: Path = SCHEMA_DIR) -> None:
+        self._by_fingerprint: dict[bytes, SchemaVersion] = {}
+        self._versions: dict[str, list[SchemaVersion]] = {}
+        for path in sorted(folder.glob("*.v*.avsc")):
+            version = int(path.name.rsplit(".v", 1)[1].split(".")[0])
+            parsed = parse_schema(json.loads(path.read_text(encoding="utf-8")), named_schemas={})
+            entry = SchemaVersion(parsed["name"], version, path, parsed, spec_fingerprint(parsed))
+            self._by_fingerprint[entry.fingerprint] = entry
+            self._versions.setdefault(entry.name, []).append(entry)
+        for versions in self._versions.values():
+            versions.sort(key=lambda v: v.version)
+        if not self._versions:
+            raise FileNotFoundError(f"no *.v<N>.avsc schema in {folder}")
+
+    def latest(self, name: str) -> SchemaVersion:
+        return self._versions[name][-1]
+
+    def versions(self, name: str) -> list[SchemaVersion]:
+        return list(self._versions[name])
+
+    def by_fingerprint(self, fp: bytes) -> SchemaVersion | None:
+        return self._by_fingerprint.get(fp)
+
+
+class AvroCodec:
+    """Encode with the newest version of a record; decode any known version into the newest one."""
+
+    def __init__(self, store: SchemaStore | None = None) -> None:
+        self.store = store or SchemaStore()
+
+    def encode(self, record: dict[str, Any], schema_name: str, version: int | None = None) -> bytes:
+        schema = self.store.latest(schema_name) if version is None else self._version(schema_name, version)
+        buffer = io.BytesIO()
+        buffer.write(schema.header)
+        schemaless_writer(buffer, schema.parsed, record)
+        return buffer.getvalue()
+
+    def decode(self, payload: bytes | None, schema_name: str) -> dict[str, Any]:
+        if not payload or len(payload) < HEADER_LENGTH or payload[:2] != SINGLE_OBJECT_MAGIC:
+            shown = (payload or b"")[:2].hex() or "empty"
+            raise BadMagicError(f"value is not Avro single-object encoded: starts with {shown}, expected c301")
+        writer = self.store.by_fingerprint(payload[2:HEADER_LENGTH])
+        if writer is None:
+            raise UnknownSchemaError(
+                f"schema fingerprint {payload[2:HEADER_LENGTH].hex()} is not among the versions in schemas/"
+            )
+        if writer.name != schema_name:
+            raise UnknownSchemaError(f"record was written as {writer.name}, expected {schema_name}")
+        reader = self.store.latest(schema_name)
+        body = io.BytesIO(payload)
+        body.seek(HEADER_LENGTH)
+        try:
+            # Resolution is only needed (and only paid for) when an older version wrote the record.
+            record = schemaless_reader(body, writer.parsed, None if reader is writer else reader.parsed)
+        except UnicodeDecodeError as exc:
+            raise CorruptBodyError(f"a string field is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+        except (EOFError, ValueError, IndexError, TypeError, OverflowError) as exc:
+            raise CorruptBodyError(f"Avro body does not match {writer.path.name}: {type(exc).__name__}: {exc}") from None
+        if body.tell() != len(payload):
+            raise CorruptBodyError(f"{len(payload) - body.tell()} bytes left over after the Avro body")
+        return record
+
+    def _version(self, schema_name: str, version: int) -> SchemaVersion:
+        for candidate in self.store.versions(schema_name):
+            if candidate.version == version:
+                return candidate
+        raise KeyError(f"{schema_name} has no version {version}")

@@ -1,0 +1,475 @@
+"""The consumer loop: consume → decode → validate → prompt → micro-batch → generate → publish → commit.
+
+One main thread owns the consumer and the producer; generate() runs in a worker thread. The stages overlap:
+while the engine generates batch N, the main thread consumes and prepares batch N+1 and publishes and commits
+batch N−1, so the engine never waits on Kafka. Memory stays bounded: at most one closed batch waits for the
+engine; past that every assigned partition is paused and the loop keeps calling poll(), so the consumer never
+exceeds max.poll.interval.ms however long generate() takes.
+
+Offsets are committed per batch, in batch order, only after every output and dead-letter record of the batch is
+acknowledged (at-least-once). A partition's records carry the assignment epoch they were consumed under; after a
+revoke, anything of the old epoch is neither published nor committed by this worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Sequence
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from processor.batcher import Batch, BatchItem, MicroBatcher, SourceRecord
+from processor.capacity import BatchLimits, resolve_batch_limits
+from processor.codec import EVENT_SCHEMA, SUMMARY_SCHEMA, AvroCodec
+from processor.engines.base import Engine, EventGenerationError, Generation
+from processor.engines.isolation import generate_isolated
+from processor.events import validate_event
+from processor.metrics import Metrics
+from processor.prompt import PromptBuilder
+from processor.settings import ProcessingGuarantee, Settings
+from processor.sink import OutgoingRecord, OutputUnavailableError, Publication, Sink
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.1
+PROBE_AFTER_S = 5.0
+EXIT_OK, EXIT_BROKER_UNAVAILABLE, EXIT_OUTPUT_FAILED = 0, 3, 4
+
+TP = tuple[str, int]
+
+
+class BrokerUnavailableError(Exception):
+    """No broker answered for longer than BROKER_UNAVAILABLE_TIMEOUT_S."""
+
+
+class RecordTooLargeError(Exception):
+    """The record's value is larger than MAX_EVENT_BYTES."""
+
+
+class GenerationJob:
+    """One engine call on a daemon thread: a stuck generate() can be abandoned at shutdown without hanging exit."""
+
+    def __init__(self, engine: Engine, batch: Batch) -> None:
+        self.batch = batch
+        self.results: list[Generation | EventGenerationError] | None = None
+        self.failure: BaseException | None = None
+        self.started = time.monotonic()
+        self.finished: float | None = None
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(engine,), name="generate", daemon=True)
+        self._thread.start()
+
+    def _run(self, engine: Engine) -> None:
+        try:
+            self.results = generate_isolated(engine, self.batch.prompts)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which decides
+            self.failure = exc
+        finally:
+            self.finished = time.monotonic()
+            self.done.set()
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        *,
+        consumer_overrides: dict[str, Any] | None = None,
+        producer_overrides: dict[str, Any] | None = None,
+        metrics: Metrics | None = None,
+        codec: AvroCodec | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.codec = codec or AvroCodec()
+        self.metrics = metrics or Metrics()
+        self.limits: BatchLimits = resolve_batch_limits(settings, engine.capacity())
+        self.prompts = PromptBuilder(engine.tokenizer, settings.vllm_max_model_len, settings.sampling_max_tokens, settings.summary_language)
+        self.batcher = MicroBatcher(self.limits.max_records, settings.batch_max_wait_ms / 1000, self.limits.max_prompt_tokens)
+        self.transactional = settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE
+
+        common = settings.kafka_common()
+        consumer_conf: dict[str, Any] = {**common, **(consumer_overrides or {})}
+        self._cooperative = "cooperative" in str(consumer_conf.get("partition.assignment.strategy", ""))
+        self.consumer = Consumer(
+            {
+                **common,
+                "group.id": settings.kafka_group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": settings.kafka_auto_offset_reset,
+                "session.timeout.ms": settings.kafka_session_timeout_ms,
+                "heartbeat.interval.ms": settings.kafka_heartbeat_interval_ms,
+                "max.poll.interval.ms": settings.kafka_max_poll_interval_ms,
+                # Downstream read_committed consumers are the point of exactly-once; read the input the same way.
+                "isolation.level": "read_committed",
+                "error_cb": self._on_client_error,
+                **(consumer_overrides or {}),
+            }
+        )
+        producer_conf: dict[str, Any] = {
+            **common,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "message.timeout.ms": settings.delivery_timeout_ms,
+            # Dead letters carry the original value; the broker, not this client, decides what is too large.
+            "message.max.bytes": 100 * 1024 * 1024,
+            "error_cb": self._on_client_error,
+        }
+        if self.transactional:
+            producer_conf["transactional.id"] = f"{settings.kafka_group_id}-{settings.kafka_input_topic}-{settings.transactional_id_suffix}"
+        self.producer = Producer({**producer_conf, **(producer_overrides or {})})
+        self.sink = Sink(
+            self.producer,
+            lambda record: self.codec.encode(record, SUMMARY_SCHEMA),
+            settings.kafka_output_topic,
+            settings.kafka_dlq_topic,
+            engine.kind,
+            engine.model,
+            self.prompts.version,
+            settings.produce_max_attempts,
+            on_delivered=self._on_delivered,
+        )
+
+        self._epochs: dict[TP, int] = {}
+        self._epoch_counter = 0
+        self._ready: deque[Batch] = deque()
+        self._job: GenerationJob | None = None
+        self._publishing: deque[Publication] = deque()
+        self._paused = False
+        self._stop = threading.Event()
+        self._last_broker_ok = time.monotonic()
+        self._brokers_down = False
+        self._engine_idle_since: float | None = time.monotonic()
+        self.committed: dict[TP, int] = {}  # what this worker committed last, per partition (tests and lag)
+        self.records_committed = 0  # input records whose outcome is acknowledged and committed
+
+    # ----------------------------------------------------------------------------------------------- control
+    def request_stop(self) -> None:
+        """Stop fetching, finish or abandon the in-flight batch, commit what is acknowledged, close."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.request_stop())
+
+    @property
+    def assigned(self) -> list[TP]:
+        return sorted(self._epochs)
+
+    def run(self, until: Callable[[], bool] | None = None) -> int:
+        """Process until request_stop() (or `until()` is true); return the process exit code."""
+        self.consumer.subscribe(
+            [self.settings.kafka_input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        if self.transactional:
+            self.producer.init_transactions(30)
+        self.metrics.ready(engine_loaded=True, assigned=False)
+        log.info(
+            "worker started",
+            extra={"engine": self.engine.kind, "model": self.engine.model, "batch_limits": self.limits.describe()},
+        )
+        try:
+            while not self._stop.is_set() and not (until and until()):
+                self._step()
+            self._shutdown()
+            return EXIT_OK
+        except BrokerUnavailableError as exc:
+            log.error("stopping: %s", exc)
+            return EXIT_BROKER_UNAVAILABLE
+        except OutputUnavailableError as exc:
+            log.error("stopping without committing the failed batch: %s", exc)
+            return EXIT_OUTPUT_FAILED
+        finally:
+            self._close()
+
+    # -------------------------------------------------------------------------------------------- main step
+    def _step(self) -> None:
+        self.metrics.heartbeat()
+        self._collect_generation()
+        self._start_generation()
+        self.sink.service(0)
+        self._commit_acknowledged()
+        self._check_health()
+
+        if self._accepting():
+            self._set_paused(False)
+            room = max(1, min(self.batcher.room, 1000))
+            wait = self.batcher.seconds_until_due()
+            timeout = POLL_INTERVAL_S if wait is None else min(POLL_INTERVAL_S, wait)
+            messages = self.consumer.consume(room, timeout)
+        else:
+            # Full: paused partitions return nothing, but poll() keeps the group membership alive.
+            self._set_paused(True)
+            messages = self.consumer.consume(1, POLL_INTERVAL_S if self._job is None else 0.05)
+        for message in messages:
+            self._accept(message)
+        due = self.batcher.due()
+        if due is not None:
+            self._ready.append(due)
+
+    def _accepting(self) -> bool:
+        # One batch may wait for the engine; more is memory for nothing. Slow acknowledgements also hold intake.
+        return not self._ready and len(self._publishing) < 3
+
+    def _set_paused(self, paused: bool) -> None:
+        if paused == self._paused:
+            return
+        partitions = self.consumer.assignment()
+        if partitions:
+            (self.consumer.pause if paused else self.consumer.resume)(partitions)
+        self._paused = paused
+
+    # --------------------------------------------------------------------------------------------- intake
+    def _accept(self, message: Message) -> None:
+        error = message.error()
+        if error is not None:
+            if error.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", error.str())
+                if error.fatal():
+                    raise KafkaException(error)
+            return
+        tp = (message.topic(), message.partition())
+        epoch = self._epochs.get(tp)
+        if epoch is None:
+            return  # fetched just before a revoke; the new owner reads it
+        self._broker_ok()
+        timestamp_type, timestamp = message.timestamp()
+        source = SourceRecord(
+            tp[0],
+            tp[1],
+            message.offset(),
+            message.key(),
+            message.value(),
+            timestamp if timestamp_type else None,
+            tuple(message.headers() or ()),
+            epoch,
+        )
+        self.metrics.consumed(tp)
+        for closed in self.batcher.add(self._prepare(source)):
+            self._ready.append(closed)
+
+    def _prepare(self, source: SourceRecord) -> BatchItem:
+        """Everything between bytes and prompt; any failure becomes this record's dead letter, never a crash."""
+        event_id: str | None = None
+        try:
+            if source.value is not None and len(source.value) > self.settings.max_event_bytes:
+                raise RecordTooLargeError(
+                    f"value is {len(source.value)} bytes, over MAX_EVENT_BYTES={self.settings.max_event_bytes}"
+                )
+            record = self.codec.decode(source.value, EVENT_SCHEMA)
+            event_id = record.get("event_id") if isinstance(record.get("event_id"), str) else None
+            prompt = self.prompts.build(validate_event(record))
+            return BatchItem(source, prompt=prompt)
+        except Exception as exc:  # noqa: BLE001 - bad input must not stop the stream
+            return BatchItem(source, error=exc, decoded_event_id=event_id)
+
+    # ----------------------------------------------------------------------------------------- generation
+    def _start_generation(self) -> None:
+        while self._job is None and self._ready:
+            batch = self._ready.popleft().without(self._owned)
+            if not batch.items:
+                continue
+            if not batch.prompts:  # only failed records: nothing for the engine to do
+                self._publish(batch, [])
+                continue
+            if self._engine_idle_since is not None:
+                self.metrics.engine_idle_for(time.monotonic() - self._engine_idle_since)
+                self._engine_idle_since = None
+            self._job = GenerationJob(self.engine, batch)
+
+    def _collect_generation(self) -> None:
+        job = self._job
+        if job is None or not job.done.is_set():
+            return
+        self._job = None
+        self._engine_idle_since = time.monotonic()
+        if job.failure is not None:
+            raise job.failure
+        assert job.results is not None and job.finished is not None
+        self.metrics.generated(job.batch, job.results, job.finished - job.started)
+        self._publish(job.batch, job.results)
+
+    def _publish(self, batch: Batch, results: Sequence[Generation | EventGenerationError]) -> None:
+        # Drop what was revoked while the engine ran: the new owner will produce it; publishing it here too
+        # would be a duplicate from this worker.
+        outcomes = iter(results)
+        kept_items: list[BatchItem] = []
+        kept_results: list[Generation | EventGenerationError] = []
+        for item in batch.items:
+            outcome = next(outcomes) if item.prompt is not None else None
+            if self._owned(item.source):
+                kept_items.append(item)
+                if outcome is not None:
+                    kept_results.append(outcome)
+        if not kept_items:
+            return
+        kept = Batch(opened_at=batch.opened_at)
+        for item in kept_items:
+            kept.add(item)
+        records = self.sink.records_for(kept, kept_results)
+        if self.transactional:
+            self._publish_transaction(kept, records)
+            return
+        self._publishing.append(self.sink.publish(kept, records))
+
+    # ------------------------------------------------------------------------------------------- commits
+    def _commit_acknowledged(self) -> None:
+        while self._publishing:
+            head = self._publishing[0]
+            if head.error is not None:
+                raise OutputUnavailableError(head.error)
+            if not head.acknowledged:
+                return
+            self._publishing.popleft()
+            self.metrics.published(head)
+            self._commit(head.batch)
+
+    def _commit(self, batch: Batch) -> None:
+        offsets = [
+            TopicPartition(topic, partition, offset)
+            for (topic, partition), offset in batch.next_offsets().items()
+            if (topic, partition) in self._epochs
+        ]
+        stale = {(i.source.topic, i.source.partition) for i in batch.items if not self._owned(i.source)}
+        offsets = [tp for tp in offsets if (tp.topic, tp.partition) not in stale]
+        if not offsets:
+            return
+        for attempt in range(3):
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+                break
+            except KafkaException as exc:
+                error = exc.args[0]
+                if attempt == 2 or not error.retriable():
+                    # The batch is published; its records will be read again by whoever owns the partition.
+                    log.warning("commit failed (%s): its records may be processed again", error.str())
+                    return
+                time.sleep(0.2 * (attempt + 1))
+        self._broker_ok()
+        self._record_commit(batch, offsets)
+
+    def _record_commit(self, batch: Batch, offsets: list[TopicPartition]) -> None:
+        self.records_committed += len(batch)
+        for tp in offsets:
+            self.committed[(tp.topic, tp.partition)] = tp.offset
+            self.metrics.committed((tp.topic, tp.partition), tp.offset)
+
+    def _publish_transaction(self, batch: Batch, records: list[OutgoingRecord]) -> None:
+        """Exactly-once: outputs and the consumed offsets commit atomically in one transaction."""
+        offsets = [TopicPartition(t, p, o) for (t, p), o in batch.next_offsets().items() if (t, p) in self._epochs]
+        self.producer.begin_transaction()
+        try:
+            publication = self.sink.publish(batch, records)
+            if not self.sink.flush(self.settings.delivery_timeout_ms / 1000 * self.settings.produce_max_attempts):
+                raise OutputUnavailableError("transactional batch not acknowledged in time")
+            if publication.error:
+                raise OutputUnavailableError(publication.error)
+            self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
+            self.producer.commit_transaction(60)
+        except Exception:
+            self.producer.abort_transaction(30)
+            raise
+        self.metrics.published(publication)
+        self._record_commit(batch, offsets)
+
+    # ------------------------------------------------------------------------------------------ rebalance
+    def _owned(self, source: SourceRecord) -> bool:
+        return self._epochs.get((source.topic, source.partition)) == source.epoch
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for partition in partitions:
+            self._epoch_counter += 1
+            self._epochs[(partition.topic, partition.partition)] = self._epoch_counter
+        if self._cooperative:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
+        if self._paused and partitions:
+            consumer.pause(partitions)
+        log.info("assigned %s", _names(partitions))
+        self.metrics.ready(engine_loaded=True, assigned=bool(self._epochs))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # While still the owner: get acknowledgements in and commit them, so the next owner starts after them.
+        if not self.transactional:
+            self.sink.flush(10.0)
+            try:
+                self._commit_acknowledged()
+            except OutputUnavailableError:
+                log.error("output failed during revoke; nothing of that batch is committed")
+        self._forget(partitions)
+        log.info("revoked %s", _names(partitions))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Lost means another member may already own them: committing now would be wrong.
+        self._forget(partitions)
+        log.warning("lost %s (membership expired); their in-flight work is dropped", _names(partitions))
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        for partition in partitions:
+            tp = (partition.topic, partition.partition)
+            self._epochs.pop(tp, None)
+            self.metrics.forget(tp)
+        self.batcher.drop(self._owned)
+        self._ready = deque(b for b in (batch.without(self._owned) for batch in self._ready) if b.items)
+        self.metrics.ready(engine_loaded=True, assigned=bool(self._epochs))
+
+    # ------------------------------------------------------------------------------------- health / stop
+    def _on_client_error(self, error: KafkaError) -> None:
+        if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            self._brokers_down = True
+        log.warning("kafka client: %s", error.str())
+
+    def _on_delivered(self, _record: OutgoingRecord) -> None:
+        self._broker_ok()
+
+    def _broker_ok(self) -> None:
+        self._last_broker_ok = time.monotonic()
+        self._brokers_down = False
+
+    def _check_health(self) -> None:
+        silent = time.monotonic() - self._last_broker_ok
+        if silent < PROBE_AFTER_S:
+            return
+        try:
+            self.consumer.list_topics(self.settings.kafka_input_topic, timeout=2.0)
+            self._broker_ok()
+        except KafkaException:
+            if silent > self.settings.broker_unavailable_timeout_s:
+                raise BrokerUnavailableError(
+                    f"no broker at {self.settings.kafka_bootstrap_servers} answered for {silent:.0f} s "
+                    f"(BROKER_UNAVAILABLE_TIMEOUT_S={self.settings.broker_unavailable_timeout_s:g})"
+                ) from None
+
+    def _shutdown(self) -> None:
+        self._set_paused(True)
+        dropped = self.batcher.pending + sum(len(b) for b in self._ready)
+        self.batcher.drop(lambda _source: False)
+        self._ready.clear()
+        if self._job is not None:
+            log.info("stopping: waiting up to %.0f s for the in-flight batch", self.settings.shutdown_timeout_s)
+            if self._job.done.wait(self.settings.shutdown_timeout_s):
+                self._collect_generation()
+            else:
+                log.warning("stopping: abandoned the in-flight batch; it is not committed and will be processed again")
+                self._job = None
+        self.sink.flush(self.settings.shutdown_timeout_s)
+        self._commit_acknowledged()
+        log.info("stopped: %d unprocessed record(s) left uncommitted for the next run", dropped)
+
+    def _close(self) -> None:
+        try:
+            self.consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("consumer close: %s", exc)
+        self.producer.flush(5)
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "nothing"

@@ -1,0 +1,139 @@
+"""Prometheus metrics and the /healthz, /readyz endpoints, on METRICS_PORT.
+
+Each Worker owns its registry, so several workers (tests, benchmarks) never clash over global collectors.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Sequence
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from processor.batcher import Batch
+    from processor.engines.base import EventGenerationError, Generation
+    from processor.sink import Publication
+
+HEALTHY_WITHIN_S = 60.0
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events_in = Counter("ai_worker_events_consumed", "Records consumed from the input topic", ["partition"], registry=r)
+        self.summaries_out = Counter("ai_worker_summaries_published", "Summaries acknowledged on the output topic", registry=r)
+        self.dead_letters = Counter("ai_worker_dead_letters", "Records acknowledged on the DLQ, by error class", ["reason"], registry=r)
+        self.batch_size = Histogram(
+            "ai_worker_batch_events", "Events per engine call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+        )
+        self.batch_latency = Histogram(
+            "ai_worker_batch_generate_seconds",
+            "Wall time of one generate() call",
+            buckets=(0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
+        self.prompt_tokens = Counter("ai_worker_prompt_tokens", "Prompt tokens sent to the engine", registry=r)
+        self.completion_tokens = Counter("ai_worker_completion_tokens", "Tokens generated", registry=r)
+        self.tokens_per_second = Gauge("ai_worker_generation_tokens_per_second", "Completion tokens/s of the last batch", registry=r)
+        self.engine_busy = Counter("ai_worker_engine_busy_seconds", "Time the engine spent in generate()", registry=r)
+        self.engine_idle = Counter("ai_worker_engine_idle_seconds", "Time the engine waited for a batch", registry=r)
+        self.committed_offset = Gauge("ai_worker_committed_offset", "Last committed offset", ["topic", "partition"], registry=r)
+        self.lag = Gauge("ai_worker_consumer_lag", "High watermark − committed offset", ["topic", "partition"], registry=r)
+        self._heartbeat = time.monotonic()
+        self._engine_loaded = False
+        self._assigned = False
+        self._server: ThreadingHTTPServer | None = None
+
+    # ---------------------------------------------------------------------------------- loop callbacks
+    def heartbeat(self) -> None:
+        self._heartbeat = time.monotonic()
+
+    def ready(self, engine_loaded: bool, assigned: bool) -> None:
+        self._engine_loaded, self._assigned = engine_loaded, assigned
+
+    def consumed(self, tp: tuple[str, int]) -> None:
+        self.events_in.labels(str(tp[1])).inc()
+
+    def generated(self, batch: "Batch", results: Sequence["Generation | EventGenerationError"], seconds: float) -> None:
+        from processor.engines.base import Generation
+
+        self.batch_size.observe(len(batch.prompts))
+        self.batch_latency.observe(seconds)
+        self.engine_busy.inc(seconds)
+        done = [r for r in results if isinstance(r, Generation)]
+        completion = sum(r.completion_tokens for r in done)
+        self.prompt_tokens.inc(sum(r.prompt_tokens for r in done))
+        self.completion_tokens.inc(completion)
+        if seconds > 0:
+            self.tokens_per_second.set(completion / seconds)
+
+    def engine_idle_for(self, seconds: float) -> None:
+        self.engine_idle.inc(seconds)
+
+    def published(self, publication: "Publication") -> None:
+        for record, header_value in ((r, dict(r.headers).get("dlq.error_class")) for r in publication.records):
+            if record.is_dead_letter:
+                self.dead_letters.labels((header_value or b"unknown").decode()).inc()
+            else:
+                self.summaries_out.inc()
+
+    def committed(self, tp: tuple[str, int], offset: int) -> None:
+        self.committed_offset.labels(tp[0], str(tp[1])).set(offset)
+
+    def lag_observed(self, tp: tuple[str, int], high_watermark: int, committed: int) -> None:
+        self.lag.labels(tp[0], str(tp[1])).set(max(0, high_watermark - committed))
+
+    def forget(self, tp: tuple[str, int]) -> None:
+        for gauge in (self.committed_offset, self.lag):
+            try:
+                gauge.remove(tp[0], str(tp[1]))
+            except KeyError:
+                pass
+
+    # ------------------------------------------------------------------------------------------ HTTP
+    @property
+    def healthy(self) -> bool:
+        return time.monotonic() - self._heartbeat < HEALTHY_WITHIN_S
+
+    @property
+    def is_ready(self) -> bool:
+        return self._engine_loaded and self._assigned
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                if self.path.startswith("/metrics"):
+                    self._reply(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+                elif self.path.startswith("/healthz"):
+                    self._reply(200 if metrics.healthy else 503, b"ok\n" if metrics.healthy else b"loop stalled\n")
+                elif self.path.startswith("/readyz"):
+                    ready = metrics.is_ready
+                    self._reply(200 if ready else 503, b"ready\n" if ready else b"engine loading or no partitions\n")
+                else:
+                    self._reply(404, b"not found\n")
+
+            def _reply(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args: object) -> None:
+                return
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True).start()
+        return self._server.server_address[1]
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

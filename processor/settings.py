@@ -1,0 +1,185 @@
+"""Configuration: one pydantic-settings class, read from the environment and validated at start-up.
+
+Env names follow the ADR (`VLLM_MODEL`, `VLLM_GPU_MEMORY_UTILIZATION`, ...). librdkafka settings that have no
+field of their own pass through with the prefix `KAFKA_OPT_`: `KAFKA_OPT_FETCH_MAX_BYTES=1048576` becomes
+`fetch.max.bytes=1048576` on every client the processor makes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from enum import Enum
+from typing import Any, Mapping
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+KAFKA_PASSTHROUGH_PREFIX = "KAFKA_OPT_"
+
+
+class ConfigurationError(Exception):
+    """A setting is missing or invalid; the message names the environment variable to fix."""
+
+
+class EngineKind(str, Enum):
+    EXTRACTIVE = "extractive"
+    TRANSFORMERS = "transformers"
+    VLLM = "vllm"
+
+
+class ProcessingGuarantee(str, Enum):
+    AT_LEAST_ONCE = "at_least_once"
+    EXACTLY_ONCE = "exactly_once"
+
+
+class Settings(BaseSettings):
+    """Every knob of the worker. Field names are the env names, lower-cased."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    # Kafka
+    kafka_bootstrap_servers: str = "localhost:9092"
+    kafka_input_topic: str = "search-results"
+    kafka_output_topic: str = "search-summaries"
+    kafka_dlq_topic: str = "search-results.dlq"
+    kafka_group_id: str = "ai-worker"
+    kafka_auto_offset_reset: str = Field("earliest", pattern="^(earliest|latest)$")
+    kafka_session_timeout_ms: int = Field(45_000, ge=1_000)
+    kafka_heartbeat_interval_ms: int = Field(3_000, ge=100)
+    kafka_max_poll_interval_ms: int = Field(300_000, ge=1_000)
+    kafka_security_protocol: str = Field("PLAINTEXT", pattern="^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$")
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_ca_location: str | None = None
+    kafka_ssl_certificate_location: str | None = None
+    kafka_ssl_key_location: str | None = None
+    kafka_ssl_key_password: SecretStr | None = None
+    schema_registry_url: str | None = None
+
+    # Delivery
+    processing_guarantee: ProcessingGuarantee = ProcessingGuarantee.AT_LEAST_ONCE
+    transactional_id_suffix: str = Field(
+        default_factory=lambda: os.environ.get("HOSTNAME", "0"),
+        description="exactly_once: makes transactional.id unique and stable per worker (a pod name, say)",
+    )
+    max_event_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger input records go to the DLQ undecoded")
+    produce_max_attempts: int = Field(3, ge=1, description="times a batch's output is re-sent before the worker stops")
+    delivery_timeout_ms: int = Field(120_000, ge=1_000, description="librdkafka message.timeout.ms per attempt")
+    broker_unavailable_timeout_s: float = Field(
+        300.0, gt=0, description="all brokers down for longer than this: exit non-zero instead of spinning"
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0, description="on SIGTERM, how long the in-flight batch may still run before it is abandoned"
+    )
+
+    # Batching (None: derived from the engine's capacity plan at start-up)
+    batch_max_records: int | None = Field(None, ge=1)
+    batch_max_wait_ms: int = Field(2_000, ge=0)
+    batch_max_prompt_tokens: int | None = Field(None, ge=1)
+
+    # Engine and model (names from the ADR)
+    engine: EngineKind = EngineKind.EXTRACTIVE
+    vllm_model: str = "Qwen/Qwen2.5-7B-Instruct-AWQ"
+    vllm_quantization: str | None = "awq"
+    vllm_gpu_memory_utilization: float = Field(0.92, gt=0.0, le=1.0)
+    vllm_max_model_len: int = Field(6144, ge=256)
+    vllm_use_v1: int = Field(0, ge=0, le=1)
+    vllm_tensor_parallel_size: int = Field(1, ge=1)
+    vllm_max_num_seqs: int = Field(256, ge=1)
+    vllm_enable_prefix_caching: bool = False
+    vllm_seed: int = 0
+    transformers_model: str | None = Field(None, description="model path or name for ENGINE=transformers; VLLM_MODEL when unset")
+    transformers_device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    transformers_dtype: str = Field("auto", pattern="^(auto|float32|float16|bfloat16)$")
+
+    # Sampling (ADR: temperature 0.7, top_p 0.9, max_tokens 1536)
+    sampling_temperature: float = Field(0.7, ge=0.0)
+    sampling_top_p: float = Field(0.9, gt=0.0, le=1.0)
+    sampling_max_tokens: int = Field(1536, ge=1)
+
+    # Prompt
+    summary_language: str = Field("auto", description="auto: the query's language; or a language name/tag to force")
+
+    # Operations
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="serve /metrics, /healthz, /readyz")
+    log_format: str = Field("json", pattern="^(json|text)$")
+    log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @field_validator("kafka_bootstrap_servers", "kafka_input_topic", "kafka_output_topic", "kafka_dlq_topic", "kafka_group_id")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @field_validator("vllm_quantization", mode="before")
+    @classmethod
+    def _empty_quantization_is_none(cls, value: Any) -> Any:
+        # An empty VLLM_QUANTIZATION lets vLLM choose (awq_marlin on compute capability >= 8.0).
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        topics = {self.kafka_input_topic, self.kafka_output_topic, self.kafka_dlq_topic}
+        if len(topics) != 3:
+            raise ValueError("KAFKA_INPUT_TOPIC, KAFKA_OUTPUT_TOPIC and KAFKA_DLQ_TOPIC must be three different topics")
+        if self.sampling_max_tokens >= self.vllm_max_model_len:
+            raise ValueError("SAMPLING_MAX_TOKENS must be smaller than VLLM_MAX_MODEL_LEN: no room is left for the prompt")
+        if self.kafka_sasl_mechanism and not self.kafka_security_protocol.startswith("SASL"):
+            raise ValueError("KAFKA_SASL_MECHANISM needs KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT or SASL_SSL")
+        return self
+
+    @property
+    def model_for_transformers(self) -> str:
+        return self.transformers_model or self.vllm_model
+
+    def kafka_passthrough(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """librdkafka properties given as KAFKA_OPT_<NAME>=value (NAME with _ for .)."""
+        environ = os.environ if environ is None else environ
+        return {
+            key[len(KAFKA_PASSTHROUGH_PREFIX):].lower().replace("_", "."): value
+            for key, value in environ.items()
+            if key.upper().startswith(KAFKA_PASSTHROUGH_PREFIX)
+        }
+
+    def kafka_common(self) -> dict[str, Any]:
+        """Connection and security properties shared by consumer, producer and admin clients."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.kafka_bootstrap_servers,
+            # librdkafka's own log lines go through Python logging (JSON, levels) instead of raw stderr.
+            "logger": logging.getLogger("librdkafka"),
+            "security.protocol": self.kafka_security_protocol,
+        }
+        optional = {
+            "sasl.mechanism": self.kafka_sasl_mechanism,
+            "sasl.username": self.kafka_sasl_username,
+            "ssl.ca.location": self.kafka_ssl_ca_location,
+            "ssl.certificate.location": self.kafka_ssl_certificate_location,
+            "ssl.key.location": self.kafka_ssl_key_location,
+        }
+        conf.update({k: v for k, v in optional.items() if v})
+        if self.kafka_sasl_password is not None:
+            conf["sasl.password"] = self.kafka_sasl_password.get_secret_value()
+        if self.kafka_ssl_key_password is not None:
+            conf["ssl.key.password"] = self.kafka_ssl_key_password.get_secret_value()
+        conf.update(self.kafka_passthrough())
+        return conf
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read and validate the environment; raise ConfigurationError naming each bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            location = "_".join(str(part) for part in error["loc"]).upper() or "settings"
+            if not error["loc"]:
+                problems.append(error["msg"])
+            elif "PASSWORD" in location:  # never echo a secret back into logs
+                problems.append(f"{location}: {error['msg']}")
+            else:
+                problems.append(f"{location}: {error['msg']} (got {error.get('input')!r})")
+        raise ConfigurationError("invalid configuration — " + "; ".join(problems)) from None
