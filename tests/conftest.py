@@ -1,0 +1,62 @@
+"""Shared fixtures. The broker: KAFKA_BOOTSTRAP_SERVERS if set, else testcontainers' Kafka if a Docker engine
+answers, else the embedded Tansu. Every process a fixture starts, it stops."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import pytest
+
+from processor.broker import EmbeddedBroker
+
+
+@dataclass
+class BrokerHandle:
+    bootstrap: str
+    kind: str  # external | testcontainers | tansu
+    embedded: EmbeddedBroker | None = None
+
+    @property
+    def is_tansu(self) -> bool:
+        return self.kind == "tansu"
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:  # noqa: BLE001 - no engine, no socket, no permission: all mean "no Docker"
+        return False
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[BrokerHandle]:
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield BrokerHandle(os.environ["KAFKA_BOOTSTRAP_SERVERS"], "external")
+        return
+    if _docker_answers():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer() as kafka:
+            yield BrokerHandle(kafka.get_bootstrap_server(), "testcontainers")
+        return
+    with EmbeddedBroker() as embedded:
+        yield BrokerHandle(embedded.bootstrap, "tansu", embedded)
+
+
+@pytest.fixture()
+def own_broker() -> Iterator[BrokerHandle]:
+    """A broker this test may stall (SIGSTOP) without disturbing the others."""
+    with EmbeddedBroker() as embedded:
+        yield BrokerHandle(embedded.bootstrap, "tansu", embedded)
+
+
+@pytest.fixture()
+def topics(broker: BrokerHandle) -> dict[str, str]:
+    suffix = uuid.uuid4().hex[:8]
+    return {"input": f"in-{suffix}", "output": f"out-{suffix}", "dlq": f"dlq-{suffix}", "group": f"g-{suffix}"}

@@ -1,0 +1,41 @@
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args, env=None):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "processor", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
+
+
+def test_help_lists_the_commands():
+    out = run("--help").stdout
+    for command in ("run", "demo", "broker", "produce", "consume", "plan"):
+        assert re.search(rf"\b{command}\b", out)
+
+
+def test_a_bad_setting_fails_at_start_up_naming_it():
+    result = run("run", env={"VLLM_GPU_MEMORY_UTILIZATION": "3"})
+    assert result.returncode == 2
+    assert "VLLM_GPU_MEMORY_UTILIZATION" in result.stderr
+
+
+def test_plan_prints_the_capacity_for_a_config(tmp_path):
+    from tests.unit.test_capacity import QWEN25_7B
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_7B))
+    result = run("plan", str(tmp_path), "--gpu-memory-gib", "12")
+    assert result.returncode == 0, result.stderr
+    assert "KV bytes per token         57,344 B" in result.stdout
+    assert "BATCH_MAX_RECORDS" in result.stdout
+
+
+def test_ci_runs_the_readme_test_command():
+    readme_lines = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()[:5] if line.strip()]
+    test_command = next(line for line in readme_lines if "pytest" in line)
+    assert test_command in (ROOT / ".ci" / "run").read_text()

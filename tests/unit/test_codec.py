@@ -1,0 +1,157 @@
+import io
+import json
+from datetime import datetime, timezone
+
+import pytest
+from fastavro import schemaless_writer
+
+from processor.codec import (
+    EVENT_SCHEMA,
+    SUMMARY_SCHEMA,
+    AvroCodec,
+    BadMagicError,
+    CorruptBodyError,
+    SchemaStore,
+    UnknownSchemaError,
+)
+from tests.helpers import make_event
+
+# --- an independent CRC-64-AVRO, written from the Avro specification ("Schema Fingerprints") ---------------
+EMPTY = 0xC15D213AA4D7A795
+
+
+def _table() -> list[int]:
+    table = []
+    for i in range(256):
+        fp = i
+        for _ in range(8):
+            fp = (fp >> 1) ^ (EMPTY & -(fp & 1))
+        table.append(fp)
+    return table
+
+
+FP_TABLE = _table()
+
+
+def spec_crc64(data: bytes) -> int:
+    fp = EMPTY
+    for byte in data:
+        fp = (fp >> 8) ^ FP_TABLE[(fp ^ byte) & 0xFF]
+    return fp
+
+
+def test_reference_crc_matches_the_spec_vector():
+    # Known value from the Avro test suite: the fingerprint of the canonical form "null".
+    assert spec_crc64(b'"null"') == 0x63DD24E7CC258F8A
+
+
+# Pinned: a silent change of a schema's canonical form (and so of every record's header) must fail here.
+PINNED = {
+    ("ai_worker.SearchResultEvent", 1): "40698d47d39c8b77",
+    ("ai_worker.SearchResultEvent", 2): "138129c7dda5a390",
+    ("ai_worker.SearchSummary", 1): "db806a53add4021e",
+    ("ai_worker.DeadLetter", 1): "f640fc745b8ed282",
+}
+
+
+def test_header_is_c301_then_little_endian_crc64_of_parsing_canonical_form():
+    codec = AvroCodec()
+    latest = codec.store.latest(EVENT_SCHEMA)
+    payload = codec.encode(make_event(1), EVENT_SCHEMA)
+    assert payload[:2] == bytes([0xC3, 0x01])
+    canonical = _canonical(latest.path)
+    assert payload[2:10] == spec_crc64(canonical.encode()).to_bytes(8, "little")
+
+
+def _canonical(path) -> str:
+    """Parsing Canonical Form by the spec's rules, independent of fastavro: keep only name/type/fields/items/
+    values/symbols/size, full names, no logicalType/doc/default, primitives as bare strings."""
+    schema = json.loads(path.read_text())
+
+    def canon(node, namespace):
+        if isinstance(node, str):
+            return json.dumps(node if node in PRIMITIVES or "." in node else f"{namespace}.{node}")
+        if isinstance(node, list):
+            return "[" + ",".join(canon(n, namespace) for n in node) + "]"
+        kind = node["type"]
+        if kind in PRIMITIVES:
+            return json.dumps(kind)
+        if kind == "array":
+            return '{"type":"array","items":' + canon(node["items"], namespace) + "}"
+        if kind == "record":
+            ns = node.get("namespace", namespace)
+            name = node["name"] if "." in node["name"] else f"{ns}.{node['name']}"
+            fields = ",".join('{"name":' + json.dumps(f["name"]) + ',"type":' + canon(f["type"], ns) + "}" for f in node["fields"])
+            return '{"name":' + json.dumps(name) + ',"type":"record","fields":[' + fields + "]}"
+        raise AssertionError(kind)
+
+    return canon(schema, schema.get("namespace", ""))
+
+
+PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
+
+
+@pytest.mark.parametrize("version", SchemaStore().versions(EVENT_SCHEMA) + SchemaStore().versions(SUMMARY_SCHEMA), ids=lambda v: v.path.name)
+def test_every_schema_fingerprint_follows_the_spec(version):
+    assert version.fingerprint == spec_crc64(_canonical(version.path).encode()).to_bytes(8, "little")
+
+
+def test_pinned_fingerprints():
+    store = SchemaStore()
+    for (name, number), hexdigest in PINNED.items():
+        assert [v for v in store.versions(name) if v.version == number][0].fingerprint.hex() == hexdigest
+
+
+def test_round_trip_of_the_latest_event():
+    codec = AvroCodec()
+    event = make_event(7, language="ko")
+    decoded = codec.decode(codec.encode(event, EVENT_SCHEMA), EVENT_SCHEMA)
+    assert decoded["event_id"] == "evt-000007"
+    assert decoded["language"] == "ko"
+    assert decoded["collected_at"] == datetime(2026, 11, 1, tzinfo=timezone.utc)
+
+
+def test_every_older_event_version_is_still_read():
+    codec = AvroCodec()
+    versions = codec.store.versions(EVENT_SCHEMA)
+    assert len(versions) >= 2, "keep old versions in schemas/"
+    for version in versions[:-1]:
+        event = make_event(3)
+        # Write with the old schema only the fields it knows, exactly as an old producer would.
+        known = {f["name"] for f in version.parsed["fields"]}
+        buffer = io.BytesIO()
+        buffer.write(version.header)
+        schemaless_writer(buffer, version.parsed, {k: v for k, v in event.items() if k in known})
+        decoded = codec.decode(buffer.getvalue(), EVENT_SCHEMA)
+        assert decoded["event_id"] == "evt-000003"
+        assert decoded["language"] is None  # default of the newer field
+
+
+def test_bad_magic_unknown_fingerprint_truncated_and_trailing_bytes():
+    codec = AvroCodec()
+    good = codec.encode(make_event(1), EVENT_SCHEMA)
+    with pytest.raises(BadMagicError, match="c301"):
+        codec.decode(b"\x00\x01" + good[2:], EVENT_SCHEMA)
+    with pytest.raises(BadMagicError):
+        codec.decode(b"", EVENT_SCHEMA)
+    with pytest.raises(UnknownSchemaError, match="fingerprint"):
+        codec.decode(good[:2] + b"\x00" * 8 + good[10:], EVENT_SCHEMA)
+    with pytest.raises(CorruptBodyError):
+        codec.decode(good[:-5], EVENT_SCHEMA)
+    with pytest.raises(CorruptBodyError, match="left over"):
+        codec.decode(good + b"\x00", EVENT_SCHEMA)
+
+
+def test_a_summary_is_not_read_as_an_event():
+    codec = AvroCodec()
+    summary = codec.store.latest(SUMMARY_SCHEMA)
+    with pytest.raises(UnknownSchemaError, match="SearchSummary"):
+        codec.decode(summary.header + b"\x00" * 20, EVENT_SCHEMA)
+
+
+def test_invalid_utf8_is_a_corrupt_body():
+    codec = AvroCodec()
+    good = codec.encode(make_event(1), EVENT_SCHEMA)
+    index = good.index(b"kafka")
+    with pytest.raises(CorruptBodyError, match="UTF-8"):
+        codec.decode(good[:index] + b"\xff\xfe" + good[index + 2 :], EVENT_SCHEMA)

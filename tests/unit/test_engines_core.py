@@ -1,0 +1,86 @@
+import pytest
+
+from processor.engines.base import EmptySummaryError, Engine, EventGenerationError, Generation, Prompt
+from processor.engines.extractive import ExtractiveEngine
+from processor.engines.isolation import EngineCallError, generate_isolated
+from processor.events import validate_event
+from processor.prompt import PromptBuilder
+from processor.samples import sample_events
+
+
+def prompts_for(events):
+    engine = ExtractiveEngine()
+    builder = PromptBuilder(engine.tokenizer, 6144, 1536)
+    return [builder.build(validate_event(e)) for e in events]
+
+
+def test_extractive_engine_is_a_real_deterministic_summary():
+    engine = ExtractiveEngine()
+    assert isinstance(engine, Engine)
+    prompts = prompts_for(sample_events())
+    first = engine.generate(prompts)
+    assert first == engine.generate(prompts)
+    for prompt, output in zip(prompts, first):
+        assert isinstance(output, Generation)
+        assert "[1]" in output.text, "cites the top-ranked result"
+        assert output.prompt_tokens == prompt.prompt_tokens and output.completion_tokens > 0
+        # Sentences come from the results, not from a template.
+        bodies = " ".join(f"{r.snippet} {r.content or ''}" for r in prompt.event.results)
+        assert output.text.split(" [")[0] in bodies
+
+
+def test_extractive_prefers_sentences_about_the_query():
+    engine = ExtractiveEngine(max_sentences=1)
+    event = sample_events()[0]  # 전기차 배터리 수명
+    output = engine.generate(prompts_for([event]))[0]
+    assert "배터리" in output.text
+
+
+def test_extractive_korean_summary_stays_korean():
+    output = ExtractiveEngine().generate(prompts_for([sample_events()[2]]))[0]
+    assert sum("\uac00" <= ch <= "\ud7a3" for ch in output.text) > 20
+
+
+def test_no_usable_sentence_is_an_event_failure():
+    event = sample_events()[0] | {"results": [{"rank": 1, "title": "t", "url": "u", "snippet": "short", "content": None}]}
+    assert isinstance(ExtractiveEngine().generate(prompts_for([event]))[0], EventGenerationError)
+
+
+class PoisonEngine(ExtractiveEngine):
+    """Raises for the whole batch whenever a poisoned event is in it, like a CUDA error or a tokenizer crash."""
+
+    def __init__(self, poisoned: set[str], empty: set[str] = frozenset()):
+        super().__init__()
+        self.poisoned, self.empty, self.calls = poisoned, empty, 0
+
+    def generate(self, prompts):
+        self.calls += 1
+        if any(p.event.event_id in self.poisoned for p in prompts):
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return [Generation(" ", "stop", 1, 0) if p.event.event_id in self.empty else out for p, out in zip(prompts, super().generate(prompts))]
+
+
+def test_bisection_isolates_the_failing_events_and_keeps_the_rest():
+    events = [e | {"event_id": f"e{i}"} for i, e in enumerate(sample_events() * 3)]
+    engine = PoisonEngine({"e4", "e11"})
+    outputs = generate_isolated(engine, prompts_for(events))
+    failed = [i for i, o in enumerate(outputs) if not isinstance(o, Generation)]
+    assert failed == [4, 11]
+    assert isinstance(outputs[4], EngineCallError) and "CUDA error" in str(outputs[4])
+    assert engine.calls < 2 * 2 * 5 + 1, "bisection, not one call per event"
+
+
+def test_an_empty_summary_is_a_failure_never_a_summary():
+    events = [e | {"event_id": f"e{i}"} for i, e in enumerate(sample_events())]
+    outputs = generate_isolated(PoisonEngine(set(), empty={"e2"}), prompts_for(events))
+    assert isinstance(outputs[2], EmptySummaryError)
+    assert sum(isinstance(o, Generation) for o in outputs) == len(events) - 1
+
+
+def test_a_count_mismatch_is_a_bug_not_a_dead_letter():
+    class Broken(ExtractiveEngine):
+        def generate(self, prompts):
+            return super().generate(prompts)[:-1]
+
+    with pytest.raises(RuntimeError, match="outputs for"):
+        generate_isolated(Broken(), prompts_for(sample_events()))
