@@ -104,6 +104,16 @@ def _plan(args: argparse.Namespace) -> int:
     return 0 if plan.kv_tokens >= settings.vllm_max_model_len else 1
 
 
+def _tiny_model(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from processor.engines.tiny_model import build_tiny_chat_model, sample_corpus
+
+    path = build_tiny_chat_model(Path(args.directory), sample_corpus())
+    print(f"tiny random-weight Qwen2 chat model in {path} (gibberish output; for wiring checks, not summaries)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m processor",
@@ -143,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu-memory-gib", type=float, default=12.0, help="GPU memory (RTX 4070: 12)")
     plan.add_argument("--quantization", help="override VLLM_QUANTIZATION ('' for none)")
     plan.set_defaults(func=_plan)
+
+    tiny = commands.add_parser("tiny-model", help="build a tiny random-weight Qwen2 chat model (no hub) for ENGINE=transformers checks")
+    tiny.add_argument("directory")
+    tiny.set_defaults(func=_tiny_model)
     return parser
 
 

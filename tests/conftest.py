@@ -60,3 +60,24 @@ def own_broker() -> Iterator[BrokerHandle]:
 def topics(broker: BrokerHandle) -> dict[str, str]:
     suffix = uuid.uuid4().hex[:8]
     return {"input": f"in-{suffix}", "output": f"out-{suffix}", "dlq": f"dlq-{suffix}", "group": f"g-{suffix}"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A Qwen2-architecture chat model with random weights and a tokenizer trained here (no hub needed)."""
+    from processor.engines.tiny_model import build_tiny_chat_model, sample_corpus
+
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-qwen2"), sample_corpus())
+
+
+@pytest.fixture()
+def fake_vllm(monkeypatch: pytest.MonkeyPatch):
+    """vLLM 0.6.3's offline API as a double, imported fresh (so import-time state can be checked)."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "fakes" / "vllm063"))
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    monkeypatch.delenv("VLLM_USE_V1", raising=False)
+    yield
+    sys.modules.pop("vllm", None)
