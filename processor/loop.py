@@ -214,8 +214,8 @@ class Worker:
             self._ready.append(due)
 
     def _accepting(self) -> bool:
-        # One batch may wait for the engine; more is memory for nothing. Slow acknowledgements also hold intake.
-        return not self._ready and len(self._publishing) < 3
+        # One batch may wait for the engine; more is memory for nothing.
+        return not self._ready
 
     def _set_paused(self, paused: bool) -> None:
         if paused == self._paused:
@@ -276,6 +276,9 @@ class Worker:
             if not batch.items:
                 continue
             if not batch.prompts:  # only failed records: nothing for the engine to do
+                if self._publishing:
+                    self._ready.appendleft(batch)  # keep commit order and one batch in publication
+                    return
                 self._publish(batch, [])
                 continue
             if self._engine_idle_since is not None:
@@ -286,6 +289,10 @@ class Worker:
     def _collect_generation(self) -> None:
         job = self._job
         if job is None or not job.done.is_set():
+            return
+        if self._publishing and not self.transactional:
+            # One batch at a time between "published" and "committed": a crash then duplicates at most one batch.
+            # Acks take milliseconds, generation seconds, so the engine barely notices.
             return
         self._job = None
         self._engine_idle_since = time.monotonic()

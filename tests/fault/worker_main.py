@@ -1,0 +1,77 @@
+"""A worker process for fault tests: the real Worker, configured from the environment like `processor run`,
+with an engine that can be slowed down or poisoned, and a trace of every assignment and commit (JSON lines) so
+tests can check ownership from outside. Run: python -m tests.fault.worker_main"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+from processor.engines.base import Generation
+from processor.engines.extractive import ExtractiveEngine
+from processor.logs import configure_logging
+from processor.loop import Worker
+from processor.settings import load_settings
+
+
+class FaultEngine(ExtractiveEngine):
+    """Extractive, plus: FAULT_DELAY_S per generate(); raises for event ids containing 'engine-raise';
+    returns an empty summary for ids containing 'engine-empty'."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+
+    def generate(self, prompts: Sequence[Any]) -> list[Any]:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if any("engine-raise" in p.event.event_id for p in prompts):
+            raise RuntimeError("CUDA error: device-side assert triggered (injected)")
+        return [
+            Generation("   ", "stop", p.prompt_tokens, 0) if "engine-empty" in p.event.event_id else out
+            for p, out in zip(prompts, super().generate(prompts))
+        ]
+
+
+class TracingConsumer:
+    """Wraps the real consumer: every commit is written with librdkafka's own view of the assignment at that moment."""
+
+    def __init__(self, consumer: Any, trace: Any) -> None:
+        self._consumer = consumer
+        self._trace = trace
+
+    def commit(self, *args: Any, **kwargs: Any) -> Any:
+        assignment = sorted(tp.partition for tp in self._consumer.assignment())
+        result = self._consumer.commit(*args, **kwargs)
+        offsets = {tp.partition: tp.offset for tp in kwargs.get("offsets", [])}
+        self._write({"commit": offsets, "assigned": assignment})
+        return result
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self._trace.write(json.dumps({"t": time.time(), "pid": os.getpid(), **record}) + "\n")
+        self._trace.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+
+def main() -> int:
+    settings = load_settings()
+    configure_logging(settings.log_format, settings.log_level)
+    worker = Worker(settings, FaultEngine(float(os.environ.get("FAULT_DELAY_S", "0"))))
+    trace_path = os.environ.get("FAULT_TRACE")
+    if trace_path:
+        trace = open(trace_path, "a", encoding="utf-8")
+        worker.consumer = TracingConsumer(worker.consumer, trace)  # type: ignore[assignment]
+    worker.install_signal_handlers()
+    started = time.monotonic()
+    code = worker.run()
+    print(json.dumps({"exit": code, "seconds": time.monotonic() - started, "committed": worker.records_committed}), file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
