@@ -123,6 +123,7 @@ class Worker:
         }
         if self.transactional:
             producer_conf["transactional.id"] = f"{settings.kafka_group_id}-{settings.kafka_input_topic}-{settings.transactional_id_suffix}"
+            producer_conf["transaction.timeout.ms"] = max(60_000, settings.delivery_timeout_ms)  # librdkafka: ≥ message.timeout.ms
         self.producer = Producer({**producer_conf, **(producer_overrides or {})})
         self.sink = Sink(
             self.producer,
