@@ -72,22 +72,29 @@ def _broker(args: argparse.Namespace) -> int:
 
 
 def _produce(args: argparse.Namespace) -> int:
+    from processor.codec import make_codec
     from processor.tools import produce_events, read_json_lines
 
     settings = load_settings()
     stream = open(args.file, encoding="utf-8") if args.file != "-" else sys.stdin
     with stream:
-        placed = produce_events(settings.kafka_common(), args.topic or settings.kafka_input_topic, read_json_lines(stream))
+        placed = produce_events(
+            settings.kafka_common(), args.topic or settings.kafka_input_topic, read_json_lines(stream), make_codec(settings.schema_registry_url)
+        )
     print(f"produced {len(placed)} event(s) to {args.topic or settings.kafka_input_topic}", file=sys.stderr)
     return 0
 
 
 def _consume(args: argparse.Namespace) -> int:
+    from processor.codec import make_codec
     from processor.tools import read_topic
 
     settings = load_settings()
     topic = args.topic or (settings.kafka_dlq_topic if args.dlq else settings.kafka_output_topic)
-    for record in read_topic(settings.kafka_common(), topic, dead_letters=args.dlq, max_records=args.max, idle_timeout_s=args.idle_timeout):
+    codec = make_codec(settings.schema_registry_url)
+    for record in read_topic(
+        settings.kafka_common(), topic, dead_letters=args.dlq, max_records=args.max, idle_timeout_s=args.idle_timeout, codec=codec
+    ):
         print(json.dumps(record, ensure_ascii=False), flush=True)
     return 0
 
@@ -102,6 +109,108 @@ def _plan(args: argparse.Namespace) -> int:
           f"VLLM_MAX_MODEL_LEN={settings.vllm_max_model_len}, SAMPLING_MAX_TOKENS={settings.sampling_max_tokens}")
     print(plan.report())
     return 0 if plan.kv_tokens >= settings.vllm_max_model_len else 1
+
+
+def _summarize(args: argparse.Namespace) -> int:
+    """The configured engine over events from a file or the samples, without Kafka: the check of an engine on a box."""
+    from processor.engines import create_engine
+    from processor.engines.base import Generation
+    from processor.engines.isolation import generate_isolated
+    from processor.events import validate_event
+    from processor.prompt import PromptBuilder
+    from processor.samples import sample_events
+    from processor.tools import read_json_lines
+
+    settings = load_settings()
+    engine = create_engine(settings)
+    if args.samples:
+        raw = sample_events()
+    else:
+        with open(args.file, encoding="utf-8") if args.file != "-" else sys.stdin as stream:
+            raw = list(read_json_lines(stream))
+    builder = PromptBuilder(engine.tokenizer, settings.vllm_max_model_len, settings.sampling_max_tokens, settings.summary_language)
+    prompts = [builder.build(validate_event(event)) for event in raw]
+    started = time.monotonic()
+    outputs = generate_isolated(engine, prompts)
+    seconds = time.monotonic() - started
+    failures = 0
+    for prompt, output in zip(prompts, outputs):
+        line = {"event_id": prompt.event.event_id, "engine": engine.kind, "model": engine.model, "prompt_tokens": prompt.prompt_tokens}
+        if isinstance(output, Generation):
+            line.update(summary=output.text, finish_reason=output.finish_reason, completion_tokens=output.completion_tokens)
+        else:
+            failures += 1
+            line.update(error=f"{type(output).__name__}: {output}")
+        print(json.dumps(line, ensure_ascii=False), flush=True)
+    tokens = sum(o.completion_tokens for o in outputs if isinstance(o, Generation))
+    print(f"{len(prompts)} events in one generate() call: {seconds:.2f} s, {tokens / max(seconds, 1e-9):.1f} completion tokens/s, "
+          f"{failures} failed", file=sys.stderr)
+    engine.close()
+    return 0 if failures == 0 else 1
+
+
+def _lag(args: argparse.Namespace) -> int:
+    from processor.offsets import format_lag, group_lag
+
+    settings = load_settings()
+    group = args.group or settings.kafka_group_id
+    print(format_lag(group_lag(settings.kafka_common(), group, settings.kafka_input_topic), group, settings.kafka_input_topic))
+    return 0
+
+
+def _parse_start(text: str) -> "str | int | object":
+    from datetime import datetime, timezone
+
+    if text in ("earliest", "latest"):
+        return text
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--to takes earliest, latest, an offset or an ISO time, not {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from processor.offsets import GroupActiveError, Progress, backfill_done, reset_offsets, target_offsets
+
+    settings = load_settings()
+    common = settings.kafka_common()
+    group = args.group or settings.kafka_group_id
+    try:
+        start = reset_offsets(common, group, settings.kafka_input_topic, args.to)
+    except GroupActiveError as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    print(f"group {group} on {settings.kafka_input_topic} reset to {args.to}: " + ", ".join(f"[{p}]={o}" for p, o in sorted(start.items())), file=sys.stderr)
+    if not args.backfill:
+        return 0
+
+    from processor.engines import create_engine
+    from processor.logs import configure_logging
+    from processor.loop import Worker
+
+    configure_logging(settings.log_format, "WARNING")
+    end = target_offsets(common, group, settings.kafka_input_topic, "latest")  # captured now: the backfill's bound
+    total = sum(max(0, end[p] - start[p]) for p in end)
+    engine = create_engine(settings)
+    worker = Worker(settings, engine, consumer_overrides=args.consumer_overrides)
+    worker.install_signal_handlers()
+    progress = Progress(total)
+
+    def finished() -> bool:
+        done, complete = backfill_done(start, end, lambda: {p: o for (_t, p), o in worker.committed.items()})
+        progress.update(done)
+        return complete
+
+    code = worker.run(until=finished)
+    done, complete = backfill_done(start, end, lambda: {p: o for (_t, p), o in worker.committed.items()})
+    progress.update(done, force=True)
+    print(f"\nbackfill {'complete' if complete else 'stopped'}: {done} of {total} records reprocessed "
+          f"(prompt_version {worker.prompts.version}, model {engine.model})", file=sys.stderr)
+    engine.close()
+    return code if complete or code else 1
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
@@ -153,6 +262,21 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu-memory-gib", type=float, default=12.0, help="GPU memory (RTX 4070: 12)")
     plan.add_argument("--quantization", help="override VLLM_QUANTIZATION ('' for none)")
     plan.set_defaults(func=_plan)
+
+    lag = commands.add_parser("lag", help="per-partition committed offset, end offset and lag of the consumer group")
+    lag.add_argument("--group", help="default: KAFKA_GROUP_ID")
+    lag.set_defaults(func=_lag)
+
+    replay = commands.add_parser("replay", help="reset the group's offsets (refused while workers are alive); --backfill reprocesses to the current end")
+    replay.add_argument("--to", type=_parse_start, default="earliest", help="earliest (default), latest, an offset, or an ISO time")
+    replay.add_argument("--group", help="default: KAFKA_GROUP_ID")
+    replay.add_argument("--backfill", action="store_true", help="then process up to the end offsets seen now, with a progress bar, and exit")
+    replay.set_defaults(func=_replay, consumer_overrides=None)
+
+    summarize = commands.add_parser("summarize", help="run the configured ENGINE over events (no Kafka): checks an engine on this box")
+    summarize.add_argument("file", nargs="?", default="-", help="JSON lines of events, or - for standard input")
+    summarize.add_argument("--samples", action="store_true", help="use the built-in Korean and English sample events")
+    summarize.set_defaults(func=_summarize)
 
     tiny = commands.add_parser("tiny-model", help="build a tiny random-weight Qwen2 chat model (no hub) for ENGINE=transformers checks")
     tiny.add_argument("directory")

@@ -49,6 +49,10 @@ def spec_fingerprint(parsed_schema: dict[str, Any]) -> bytes:
     return bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed_schema), "CRC-64-AVRO"))
 
 
+class RegistryUnavailableError(Exception):
+    """The Schema Registry did not answer: infrastructure, not bad input — the worker stops rather than dead-letter."""
+
+
 @dataclass(frozen=True)
 class SchemaVersion:
     name: str  # full name, e.g. ai_worker.SearchResultEvent
@@ -95,14 +99,14 @@ class AvroCodec:
     def __init__(self, store: SchemaStore | None = None) -> None:
         self.store = store or SchemaStore()
 
-    def encode(self, record: dict[str, Any], schema_name: str, version: int | None = None) -> bytes:
+    def encode(self, record: dict[str, Any], schema_name: str, topic: str = "", version: int | None = None) -> bytes:
         schema = self.store.latest(schema_name) if version is None else self._version(schema_name, version)
         buffer = io.BytesIO()
         buffer.write(schema.header)
         schemaless_writer(buffer, schema.parsed, record)
         return buffer.getvalue()
 
-    def decode(self, payload: bytes | None, schema_name: str) -> dict[str, Any]:
+    def decode(self, payload: bytes | None, schema_name: str, topic: str = "") -> dict[str, Any]:
         if not payload or len(payload) < HEADER_LENGTH or payload[:2] != SINGLE_OBJECT_MAGIC:
             shown = (payload or b"")[:2].hex() or "empty"
             raise BadMagicError(f"value is not Avro single-object encoded: starts with {shown}, expected c301")
@@ -132,3 +136,59 @@ class AvroCodec:
             if candidate.version == version:
                 return candidate
         raise KeyError(f"{schema_name} has no version {version}")
+
+
+class RegistryCodec:
+    """Confluent Schema Registry framing (`00`, 4-byte big-endian schema id, Avro body) through the library's own
+    AvroSerializer/AvroDeserializer; used when SCHEMA_REGISTRY_URL is set. Subjects follow the default
+    TopicNameStrategy (`<topic>-value`); the newest local version of each record is the one registered and read."""
+
+    def __init__(self, url: str, store: SchemaStore | None = None, client: Any = None) -> None:
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
+        self.store = store or SchemaStore()
+        self.client = client or SchemaRegistryClient.new_client({"url": url})  # mock:// URLs give the mock registry
+        self._serializers: dict[str, Any] = {}
+        self._deserializers: dict[str, Any] = {}
+
+    def _schema_text(self, schema_name: str) -> str:
+        return self.store.latest(schema_name).path.read_text(encoding="utf-8")
+
+    def encode(self, record: dict[str, Any], schema_name: str, topic: str = "") -> bytes:
+        from confluent_kafka.schema_registry.avro import AvroSerializer
+        from confluent_kafka.serialization import MessageField, SerializationContext
+
+        if schema_name not in self._serializers:
+            self._serializers[schema_name] = AvroSerializer(self.client, self._schema_text(schema_name))
+        return bytes(self._serializers[schema_name](record, SerializationContext(topic, MessageField.VALUE)))
+
+    def decode(self, payload: bytes | None, schema_name: str, topic: str = "") -> dict[str, Any]:
+        from confluent_kafka.schema_registry.avro import AvroDeserializer
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+        from confluent_kafka.serialization import MessageField, SerializationContext, SerializationError
+
+        if not payload or len(payload) < 5 or payload[0] != 0:
+            shown = (payload or b"")[:1].hex() or "empty"
+            raise BadMagicError(f"value is not Schema Registry framed: starts with {shown}, expected 00 + schema id")
+        if schema_name not in self._deserializers:
+            # Reader schema = newest local version: the registry's writer schema is resolved to it.
+            self._deserializers[schema_name] = AvroDeserializer(self.client, self._schema_text(schema_name))
+        try:
+            return dict(self._deserializers[schema_name](payload, SerializationContext(topic, MessageField.VALUE)))
+        except SchemaRegistryError as exc:
+            if exc.http_status_code == 404:
+                raise UnknownSchemaError(f"schema id {int.from_bytes(payload[1:5], 'big')} is unknown to the registry") from None
+            raise RegistryUnavailableError(f"Schema Registry error: {exc}") from None
+        except SerializationError as exc:
+            text = str(exc)
+            if "not found" in text.lower() or "40403" in text:
+                raise UnknownSchemaError(f"schema id {int.from_bytes(payload[1:5], 'big')} is unknown to the registry: {text}") from None
+            raise CorruptBodyError(f"Avro body does not match its registered schema: {text}") from None
+        except UnicodeDecodeError as exc:
+            raise CorruptBodyError(f"a string field is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+        except (EOFError, ValueError, IndexError, TypeError, OverflowError) as exc:
+            raise CorruptBodyError(f"Avro body does not match its registered schema: {type(exc).__name__}: {exc}") from None
+
+
+def make_codec(schema_registry_url: str | None) -> "AvroCodec | RegistryCodec":
+    return RegistryCodec(schema_registry_url) if schema_registry_url else AvroCodec()

@@ -24,7 +24,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from processor.batcher import Batch, BatchItem, MicroBatcher, SourceRecord
 from processor.capacity import BatchLimits, resolve_batch_limits
-from processor.codec import EVENT_SCHEMA, SUMMARY_SCHEMA, AvroCodec
+from processor.codec import EVENT_SCHEMA, SUMMARY_SCHEMA, AvroCodec, RegistryCodec, RegistryUnavailableError, make_codec
 from processor.engines.base import Engine, EventGenerationError, Generation
 from processor.engines.isolation import generate_isolated
 from processor.events import validate_event
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.1
 PROBE_AFTER_S = 5.0
+LAG_EVERY_S = 5.0
 EXIT_OK, EXIT_BROKER_UNAVAILABLE, EXIT_OUTPUT_FAILED = 0, 3, 4
 
 TP = tuple[str, int]
@@ -82,11 +83,11 @@ class Worker:
         consumer_overrides: dict[str, Any] | None = None,
         producer_overrides: dict[str, Any] | None = None,
         metrics: Metrics | None = None,
-        codec: AvroCodec | None = None,
+        codec: AvroCodec | RegistryCodec | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
-        self.codec = codec or AvroCodec()
+        self.codec = codec or make_codec(settings.schema_registry_url)
         self.metrics = metrics or Metrics()
         self.limits: BatchLimits = resolve_batch_limits(settings, engine.capacity())
         self.prompts = PromptBuilder(engine.tokenizer, settings.vllm_max_model_len, settings.sampling_max_tokens, settings.summary_language)
@@ -127,7 +128,7 @@ class Worker:
         self.producer = Producer({**producer_conf, **(producer_overrides or {})})
         self.sink = Sink(
             self.producer,
-            lambda record: self.codec.encode(record, SUMMARY_SCHEMA),
+            lambda record: self.codec.encode(record, SUMMARY_SCHEMA, settings.kafka_output_topic),
             settings.kafka_output_topic,
             settings.kafka_dlq_topic,
             engine.kind,
@@ -147,6 +148,7 @@ class Worker:
         self._last_broker_ok = time.monotonic()
         self._brokers_down = False
         self._engine_idle_since: float | None = time.monotonic()
+        self._lag_observed_at = 0.0
         self.committed: dict[TP, int] = {}  # what this worker committed last, per partition (tests and lag)
         self.records_committed = 0  # input records whose outcome is acknowledged and committed
 
@@ -180,7 +182,7 @@ class Worker:
                 self._step()
             self._shutdown()
             return EXIT_OK
-        except BrokerUnavailableError as exc:
+        except (BrokerUnavailableError, RegistryUnavailableError) as exc:
             log.error("stopping: %s", exc)
             return EXIT_BROKER_UNAVAILABLE
         except OutputUnavailableError as exc:
@@ -197,6 +199,7 @@ class Worker:
         self.sink.service(0)
         self._commit_acknowledged()
         self._check_health()
+        self._observe_lag()
 
         if self._accepting():
             self._set_paused(False)
@@ -263,10 +266,12 @@ class Worker:
                 raise RecordTooLargeError(
                     f"value is {len(source.value)} bytes, over MAX_EVENT_BYTES={self.settings.max_event_bytes}"
                 )
-            record = self.codec.decode(source.value, EVENT_SCHEMA)
+            record = self.codec.decode(source.value, EVENT_SCHEMA, source.topic)
             event_id = record.get("event_id") if isinstance(record.get("event_id"), str) else None
             prompt = self.prompts.build(validate_event(record))
             return BatchItem(source, prompt=prompt)
+        except RegistryUnavailableError:
+            raise  # not this record's fault: dead-lettering would send every record to the DLQ
         except Exception as exc:  # noqa: BLE001 - bad input must not stop the stream
             return BatchItem(source, error=exc, decoded_event_id=event_id)
 
@@ -454,6 +459,21 @@ class Worker:
                     f"no broker at {self.settings.kafka_bootstrap_servers} answered for {silent:.0f} s "
                     f"(BROKER_UNAVAILABLE_TIMEOUT_S={self.settings.broker_unavailable_timeout_s:g})"
                 ) from None
+
+    def _observe_lag(self) -> None:
+        now = time.monotonic()
+        if now - self._lag_observed_at < LAG_EVERY_S:
+            return
+        self._lag_observed_at = now
+        for topic, partition in list(self._epochs):
+            try:
+                # cached=True: the watermark the last fetch brought back; no extra request to the broker.
+                _low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+            except KafkaException:
+                continue
+            committed = self.committed.get((topic, partition))
+            if high >= 0 and committed is not None:
+                self.metrics.lag_observed((topic, partition), high, committed)
 
     def _shutdown(self) -> None:
         self._set_paused(True)

@@ -11,7 +11,7 @@ from typing import IO, Any, Iterable, Iterator
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from processor.codec import EVENT_SCHEMA, SUMMARY_SCHEMA, AvroCodec
+from processor.codec import EVENT_SCHEMA, SUMMARY_SCHEMA, AvroCodec, RegistryCodec
 from processor.events import SearchEvent, validate_event
 from processor.sink import DLQ_HEADER_PREFIX
 
@@ -19,7 +19,7 @@ _LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 
 
 def produce_events(
-    producer_conf: dict[str, Any], topic: str, events: Iterable[dict[str, Any] | SearchEvent], codec: AvroCodec | None = None
+    producer_conf: dict[str, Any], topic: str, events: Iterable[dict[str, Any] | SearchEvent], codec: AvroCodec | RegistryCodec | None = None
 ) -> list[tuple[int, int]]:
     """Validate and encode each event, produce it keyed by event_id; return (partition, offset) of each, in order."""
     codec = codec or AvroCodec()
@@ -40,7 +40,7 @@ def produce_events(
 
         while True:
             try:
-                producer.produce(topic, codec.encode(record, EVENT_SCHEMA), event.event_id.encode(), on_delivery=report)
+                producer.produce(topic, codec.encode(record, EVENT_SCHEMA, topic), event.event_id.encode(), on_delivery=report)
                 break
             except BufferError:
                 producer.poll(0.05)
@@ -89,7 +89,7 @@ def read_topic(
     dead_letters: bool = False,
     max_records: int | None = None,
     idle_timeout_s: float = 3.0,
-    codec: AvroCodec | None = None,
+    codec: AvroCodec | RegistryCodec | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Records from the beginning until `max_records` or `idle_timeout_s` without a record; no group, no commit.
 
@@ -113,7 +113,7 @@ def read_topic(
             if dead_letters:
                 record = decode_dead_letter(message.key(), message.value(), message.headers())
             else:
-                record = codec.decode(message.value(), SUMMARY_SCHEMA)
+                record = codec.decode(message.value(), SUMMARY_SCHEMA, topic)
             yield {k: _jsonable(v) for k, v in record.items()}
     finally:
         consumer.close()

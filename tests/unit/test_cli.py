@@ -39,3 +39,19 @@ def test_ci_runs_the_readme_test_command():
     readme_lines = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()[:5] if line.strip()]
     test_command = next(line for line in readme_lines if "pytest" in line)
     assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_setting_is_documented_in_the_readme():
+    from processor.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [name.upper() for name in Settings.model_fields if f"`{name.upper()}`" not in readme]
+    assert missing == []
+
+
+def test_summarize_runs_the_configured_engine_without_kafka(tiny_model_dir):
+    result = run("summarize", "--samples", env={"ENGINE": "transformers", "TRANSFORMERS_MODEL": str(tiny_model_dir),
+                                                 "SAMPLING_MAX_TOKENS": "8", "VLLM_MAX_MODEL_LEN": "2048"})
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 6 and all(line["engine"] == "transformers" for line in lines)
+    assert "6 events in one generate() call" in result.stderr
