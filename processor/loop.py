@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.1
 PROBE_AFTER_S = 5.0
+PAUSE_AFTER_S = 0.5  # far below any max.poll.interval.ms librdkafka accepts (≥ 1 s)
 LAG_EVERY_S = 5.0
 EXIT_OK, EXIT_BROKER_UNAVAILABLE, EXIT_OUTPUT_FAILED = 0, 3, 4
 
@@ -149,6 +150,7 @@ class Worker:
         self._brokers_down = False
         self._engine_idle_since: float | None = time.monotonic()
         self._lag_observed_at = 0.0
+        self._full_since: float | None = None
         self.committed: dict[TP, int] = {}  # what this worker committed last, per partition (tests and lag)
         self.records_committed = 0  # input records whose outcome is acknowledged and committed
 
@@ -201,16 +203,28 @@ class Worker:
         self._check_health()
         self._observe_lag()
 
+        # Block only as long as nothing else is waiting: acks and finished generations must not sit behind a poll.
+        busy = bool(self._publishing) or (self._job is not None and self._job.done.is_set())
         if self._accepting():
+            self._full_since = None
             self._set_paused(False)
             room = max(1, min(self.batcher.room, 1000))
             wait = self.batcher.seconds_until_due()
-            timeout = POLL_INTERVAL_S if wait is None else min(POLL_INTERVAL_S, wait)
+            timeout = 0.0 if busy else POLL_INTERVAL_S if wait is None else min(POLL_INTERVAL_S, wait)
             messages = self.consumer.consume(room, timeout)
         else:
-            # Full: paused partitions return nothing, but poll() keeps the group membership alive.
-            self._set_paused(True)
-            messages = self.consumer.consume(1, POLL_INTERVAL_S if self._job is None else 0.05)
+            # Full. For a moment, simply stop taking records. If it lasts (a long generate()), pause every partition
+            # and keep polling: paused partitions return nothing, but poll() keeps the group membership alive.
+            # Pausing at once would cost a refetch per batch: librdkafka drops a paused partition's prefetched queue.
+            self._full_since = self._full_since or time.monotonic()
+            messages = []
+            if time.monotonic() - self._full_since >= PAUSE_AFTER_S:
+                self._set_paused(True)
+                messages = self.consumer.consume(1, 0)
+            if self._publishing:
+                self.sink.service(0.005)  # returns as soon as a delivery report arrives
+            elif self._job is not None:
+                self._job.done.wait(0.05)
         for message in messages:
             self._accept(message)
         due = self.batcher.due()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -43,6 +43,7 @@ class Metrics:
         self.engine_idle = Counter("ai_worker_engine_idle_seconds", "Time the engine waited for a batch", registry=r)
         self.committed_offset = Gauge("ai_worker_committed_offset", "Last committed offset", ["topic", "partition"], registry=r)
         self.lag = Gauge("ai_worker_consumer_lag", "High watermark − committed offset", ["topic", "partition"], registry=r)
+        self._consumed_children: dict[int, Any] = {}
         self._heartbeat = time.monotonic()
         self._engine_loaded = False
         self._assigned = False
@@ -56,7 +57,10 @@ class Metrics:
         self._engine_loaded, self._assigned = engine_loaded, assigned
 
     def consumed(self, tp: tuple[str, int]) -> None:
-        self.events_in.labels(str(tp[1])).inc()
+        child = self._consumed_children.get(tp[1])
+        if child is None:  # labels() costs more than the increment: once per partition, not per record
+            child = self._consumed_children[tp[1]] = self.events_in.labels(str(tp[1]))
+        child.inc()
 
     def generated(self, batch: "Batch", results: Sequence["Generation | EventGenerationError"], seconds: float) -> None:
         from processor.engines.base import Generation

@@ -71,6 +71,8 @@ def detect_language(event: SearchEvent) -> str:
 
 
 def _neutralise(text: str) -> str:
+    if "<" not in text:  # the common case, and a regex pass per field is the builder's biggest cost
+        return text
     return _DELIMITER.sub(lambda m: m.group(0).replace("<", "‹"), text)
 
 
@@ -79,9 +81,9 @@ class _Slot:
     result: SearchResult
     snippet: str
     content: str
-    snippet_tokens: int
-    content_tokens: int
     cut: bool = False
+    snippet_tokens: int = -1  # counted only when the budget forces a cut
+    content_tokens: int = -1
 
 
 class PromptBuilder:
@@ -121,20 +123,26 @@ class PromptBuilder:
                 f"prompt needs {len(empty)} tokens with every search result cut (query of {len(event.query)} chars); "
                 f"the budget is VLLM_MAX_MODEL_LEN − SAMPLING_MAX_TOKENS = {self.budget} tokens"
             )
-        packed = event.model_copy(
-            update={"results": tuple(s.result.model_copy(update={"snippet": s.snippet, "content": s.content or None}) for s in slots)}
-        )
+        if len(slots) == len(event.results) and all(s.snippet == s.result.snippet and s.content == (s.result.content or "") for s in slots):
+            packed = event  # nothing cut or rewritten: no copies on the common path
+        else:
+            packed = event.model_copy(
+                update={"results": tuple(s.result.model_copy(update={"snippet": s.snippet, "content": s.content or None}) for s in slots)}
+            )
         truncated = sum(1 for s in slots if s.cut) + (len(event.results) - len(slots))
         return Prompt(packed, tuple(messages), tuple(ids), language, len(slots), truncated)
 
     def _slot(self, result: SearchResult, char_cap: int) -> _Slot:
         snippet = _neutralise(result.snippet[:char_cap])
         content = _neutralise((result.content or "")[:char_cap])
-        cut = len(result.snippet) > char_cap or len(result.content or "") > char_cap
-        return _Slot(result, snippet, content, self.tokenizer.count(snippet), self.tokenizer.count(content) if content else 0, cut)
+        return _Slot(result, snippet, content, len(result.snippet) > char_cap or len(result.content or "") > char_cap)
 
     def _cut(self, slots: list[_Slot], need: int) -> None:
         """Remove about `need` tokens: lowest-ranked content first, then snippets, then whole results."""
+        for slot in slots:
+            if slot.snippet_tokens < 0:
+                slot.snippet_tokens = self.tokenizer.count(slot.snippet)
+                slot.content_tokens = self.tokenizer.count(slot.content) if slot.content else 0
         for field in ("content", "snippet"):
             for slot in reversed(slots):
                 if need <= 0:
