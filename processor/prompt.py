@@ -108,20 +108,25 @@ class PromptBuilder:
         messages = self._messages(event.query, language_name, slots)
         ids = self.tokenizer.chat_token_ids(messages)
         over = len(ids) - self.budget
+        # Then cut text by estimate (token counts are nearly additive), re-measuring exactly after each pass …
         for _attempt in range(6):
-            if over <= 0:
+            if over <= 0 or not self._cut_text(slots, over + 4 + over // 50):
                 break
-            self._cut(slots, over + 4 + over // 50)  # small margin: token counts are not exactly additive
-            if not slots:
-                break
+            messages = self._messages(event.query, language_name, slots)
+            ids = self.tokenizer.chat_token_ids(messages)
+            over = len(ids) - self.budget
+        # … and when no text is left to cut, drop whole lowest-ranked results, one at a time, measured exactly.
+        while over > 0 and slots:
+            slots.pop()
             messages = self._messages(event.query, language_name, slots)
             ids = self.tokenizer.chat_token_ids(messages)
             over = len(ids) - self.budget
         if over > 0 or not slots:
             empty = self.tokenizer.chat_token_ids(self._messages(event.query, language_name, []))
             raise PromptTooLongError(
-                f"prompt needs {len(empty)} tokens with every search result cut (query of {len(event.query)} chars); "
-                f"the budget is VLLM_MAX_MODEL_LEN − SAMPLING_MAX_TOKENS = {self.budget} tokens"
+                f"prompt needs {len(empty)} tokens for the query and template alone and no search result fits beside it "
+                f"(every search result cut; query of {len(event.query)} chars); the budget is "
+                f"VLLM_MAX_MODEL_LEN − SAMPLING_MAX_TOKENS = {self.budget} tokens"
             )
         if len(slots) == len(event.results) and all(s.snippet == s.result.snippet and s.content == (s.result.content or "") for s in slots):
             packed = event  # nothing cut or rewritten: no copies on the common path
@@ -137,16 +142,18 @@ class PromptBuilder:
         content = _neutralise((result.content or "")[:char_cap])
         return _Slot(result, snippet, content, len(result.snippet) > char_cap or len(result.content or "") > char_cap)
 
-    def _cut(self, slots: list[_Slot], need: int) -> None:
-        """Remove about `need` tokens: lowest-ranked content first, then snippets, then whole results."""
+    def _cut_text(self, slots: list[_Slot], need: int) -> bool:
+        """Remove about `need` tokens of text: lowest-ranked content first, then snippets. False: nothing left to cut."""
         for slot in slots:
             if slot.snippet_tokens < 0:
                 slot.snippet_tokens = self.tokenizer.count(slot.snippet)
                 slot.content_tokens = self.tokenizer.count(slot.content) if slot.content else 0
+        if all(slot.snippet_tokens == 0 and slot.content_tokens == 0 for slot in slots):
+            return False
         for field in ("content", "snippet"):
             for slot in reversed(slots):
                 if need <= 0:
-                    return
+                    return True
                 have = getattr(slot, f"{field}_tokens")
                 if have == 0:
                     continue
@@ -156,9 +163,7 @@ class PromptBuilder:
                 setattr(slot, f"{field}_tokens", keep)
                 slot.cut = True
                 need -= have - keep
-        while need > 0 and slots:
-            dropped = slots.pop()
-            need -= self.tokenizer.count(dropped.result.title + dropped.result.url) + 12
+        return True
 
     def _messages(self, query: str, language_name: str, slots: list[_Slot]) -> list[ChatMessage]:
         results = "".join(

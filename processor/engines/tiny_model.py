@@ -30,6 +30,9 @@ def build_tiny_chat_model(
     kv_heads: int = 2,
     max_position_embeddings: int = 8192,
     seed: int = 0,
+    intermediate_size: int | None = None,
+    model_vocab_size: int | None = None,
+    dtype: str = "float32",
 ) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -52,9 +55,10 @@ def build_tiny_chat_model(
 
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
+        # A model vocabulary larger than the tokenizer's gives a real model's embedding and LM-head cost.
+        vocab_size=max(model_vocab_size or 0, len(tokenizer)),
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
+        intermediate_size=intermediate_size or hidden_size * 2,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
@@ -64,12 +68,24 @@ def build_tiny_chat_model(
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id], pad_token_id=tokenizer.pad_token_id
     )
     model.save_pretrained(directory)
     return directory
+
+
+# Qwen2.5-0.5B-Instruct's architecture (its config.json), for benchmarks with random weights.
+QWEN25_05B = {
+    "hidden_size": 896,
+    "layers": 24,
+    "heads": 14,
+    "kv_heads": 2,
+    "intermediate_size": 4864,
+    "model_vocab_size": 151936,
+    "max_position_embeddings": 32768,
+}
 
 
 def sample_corpus() -> list[str]:

@@ -84,3 +84,15 @@ def test_huge_content_is_capped_before_tokenising():
 def test_prompt_version_is_a_stable_hash_of_the_template():
     assert PROMPT_VERSION == builder().version
     assert PROMPT_VERSION.startswith("p-") and len(PROMPT_VERSION) == 14
+
+
+def test_when_only_some_whole_results_fit_the_top_ranked_ones_are_kept():
+    raw = make_event(7, results=6)
+    for result in raw["results"]:
+        result["title"] = "a long title with many words " * 6
+    tok = RegexTokenizer()
+    query_only = len(tok.chat_token_ids(builder().build(validate_event(make_event(7, results=1))).messages[:1]))
+    prompt = builder(max_model_len=query_only + 260, max_tokens=10).build(validate_event(raw))
+    assert 1 <= prompt.results_used < 6
+    assert [r.rank for r in prompt.event.results] == list(range(1, prompt.results_used + 1)), "lowest ranks dropped first"
+    assert prompt.prompt_tokens <= query_only + 250
