@@ -37,6 +37,9 @@ def _run(_args: argparse.Namespace) -> int:
     worker.install_signal_handlers()
     try:
         return worker.run()
+    except EngineStartupError as exc:
+        log.error("engine failed to start: %s", exc)
+        return EXIT_CONFIG
     finally:
         worker.metrics.close()
         engine.close()

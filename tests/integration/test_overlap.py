@@ -28,6 +28,8 @@ class ObservedEngine(ExtractiveEngine):
     def generate(self, prompts):
         worker = self.worker
         assert worker is not None
+        if prompts[0].event.event_id.startswith("demo-"):  # the start-up warm-up call, before any partition
+            return super().generate(prompts)
         committed_at_start = worker.records_committed
         time.sleep(self.seconds * 0.9)
         ready = list(worker._ready)

@@ -147,7 +147,7 @@ def test_generate_longer_than_max_poll_interval_causes_no_rebalance_and_no_dupli
     assert running.exit_code == 0
     assert assigned == [2] and lost == []
     assert all(committed == 12 for _, committed in revoked), "no rebalance while generate() ran, only at the final close"
-    assert engine.calls == 2
+    assert engine.calls == 1 + 2, "the start-up warm-up, then two batches"
     ids = [s["event_id"] for s in read_all(broker, topics["output"])]
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 12
 
@@ -163,3 +163,17 @@ def test_the_demo_prints_summaries():
     assert "demo-ko-001" in text and "demo-en-001" in text
     assert "6 summaries, 0 dead letters" in text
     assert "배터리" in text
+
+
+def test_an_engine_that_cannot_generate_fails_at_start_up_before_joining(broker, topics):
+    from processor.engines.base import EngineStartupError
+
+    class Broken(ExtractiveEngine):
+        def generate(self, prompts):
+            raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    create_topics(broker, topics, partitions=1)
+    worker = Worker(settings_for(broker, topics), Broken(), consumer_overrides=FAST_GROUP)
+    with pytest.raises(EngineStartupError, match="warm-up"):
+        worker.run()
+    assert worker.assigned == []
