@@ -381,6 +381,24 @@ class Worker:
         for item in kept_items:
             kept.add(item)
         records = self.sink.records_for(kept, kept_results)
+        for item, record in zip(kept.items, records):
+            if record.is_dead_letter:
+                headers = dict(record.headers)
+                log.warning(
+                    "dead-lettered %s[%d]@%d: %s",
+                    item.source.topic,
+                    item.source.partition,
+                    item.source.offset,
+                    headers["dlq.error_class"].decode(),
+                    extra={
+                        "topic": item.source.topic,
+                        "partition": item.source.partition,
+                        "offset": item.source.offset,
+                        "event_id": item.event_id,
+                        "error_class": headers["dlq.error_class"].decode(),
+                        "error_message": headers["dlq.error_message"].decode()[:500],
+                    },
+                )
         if self.transactional:
             self._publish_transaction(kept, records)
             return
@@ -421,6 +439,7 @@ class Worker:
                 time.sleep(0.2 * (attempt + 1))
         self._broker_ok()
         self._record_commit(batch, offsets)
+        log.debug("committed %s", _names(offsets), extra={"offsets": {f"{tp.topic}[{tp.partition}]": tp.offset for tp in offsets}})
 
     def _record_commit(self, batch: Batch, offsets: list[TopicPartition]) -> None:
         self.records_committed += len(batch)

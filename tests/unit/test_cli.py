@@ -55,3 +55,15 @@ def test_summarize_runs_the_configured_engine_without_kafka(tiny_model_dir):
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(lines) == 6 and all(line["engine"] == "transformers" for line in lines)
     assert "6 events in one generate() call" in result.stderr
+
+
+def test_json_logs_carry_context_fields_as_fields():
+    import logging
+
+    from processor.logs import JsonFormatter
+
+    record = logging.LogRecord("processor.loop", logging.WARNING, __file__, 1, "dead-lettered %s", ("x",), None)
+    record.partition, record.offset, record.error_class = 3, 1234, "InvalidEventError"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == "dead-lettered x" and line["level"] == "WARNING"
+    assert (line["partition"], line["offset"], line["error_class"]) == (3, 1234, "InvalidEventError")
