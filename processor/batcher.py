@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 from processor.engines.base import Prompt
 
@@ -122,12 +122,6 @@ class MicroBatcher:
         # Failed records count towards no limit, but a flood of them must not grow one batch without bound.
         if self._open.events >= self.max_records or len(self._open) >= 8 * self.max_records:
             closed.append(self._close())
-        return closed
-
-    def add_all(self, items: Iterable[BatchItem]) -> list[Batch]:
-        closed: list[Batch] = []
-        for item in items:
-            closed.extend(self.add(item))
         return closed
 
     def due(self) -> Batch | None:

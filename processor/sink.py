@@ -47,15 +47,10 @@ class Publication:
     attempts: dict[int, int] = field(default_factory=dict)
     retry: list[int] = field(default_factory=list)
     error: str | None = None
-    produced_at: float = field(default_factory=time.monotonic)
 
     @property
     def acknowledged(self) -> bool:
         return self.pending == 0 and not self.retry and self.error is None
-
-    @property
-    def dead_letters(self) -> int:
-        return sum(1 for r in self.records if r.is_dead_letter)
 
 
 def dead_letter_headers(item: BatchItem, error: BaseException, now: datetime) -> list[tuple[str, bytes]]:
