@@ -477,8 +477,10 @@ class Worker:
             consumer.incremental_assign(partitions)
         else:
             consumer.assign(partitions)
-        if self._paused and partitions:
-            consumer.pause(partitions)
+        if partitions:
+            # Set the pause state explicitly both ways: librdkafka keeps a partition's pause flag across
+            # unassign/assign, so a partition paused before a lost assignment comes back paused and never fetches.
+            (consumer.pause if self._paused else consumer.resume)(partitions)
         log.info("assigned %s", _names(partitions))
         self.metrics.ready(engine_loaded=True, assigned=bool(self._epochs))
 

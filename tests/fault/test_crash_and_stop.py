@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import time
@@ -28,7 +29,7 @@ def worker_env(broker, topics, **extra):
         "KAFKA_GROUP_ID": topics["group"],
         "BATCH_MAX_RECORDS": str(BATCH),
         "BATCH_MAX_WAIT_MS": "100",
-        "LOG_LEVEL": "WARNING",
+        "LOG_LEVEL": os.environ.get("FAULT_LOG_LEVEL", "WARNING"),
     }
     return {**env, **{k: str(v) for k, v in extra.items()}}
 

@@ -59,6 +59,10 @@ class TracingConsumer:
 
 
 def main() -> int:
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test can ask a stuck worker where it is
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
     worker = Worker(settings, FaultEngine(float(os.environ.get("FAULT_DELAY_S", "0"))))
