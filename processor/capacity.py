@@ -148,7 +148,7 @@ def plan_for(
         reserve_bytes=reserve_bytes,
         kv_bytes_per_token=shape.kv_bytes_per_token(kv_dtype_bytes),
         naive_kv_bytes_per_token=shape.naive_kv_bytes_per_token(kv_dtype_bytes),
-        max_model_len=settings.vllm_max_model_len,
+        max_model_len=settings.max_model_len,
         max_tokens=settings.sampling_max_tokens,
         max_num_seqs=settings.vllm_max_num_seqs,
     )

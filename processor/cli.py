@@ -109,9 +109,9 @@ def _plan(args: argparse.Namespace) -> int:
     quantization = settings.vllm_quantization if args.quantization is None else (args.quantization or None)
     plan = plan_for(load_model_config(args.model_config), int(args.gpu_memory_gib * GIB), settings, quantization)
     print(f"model config {args.model_config}, quantization {quantization or 'none'}, "
-          f"VLLM_MAX_MODEL_LEN={settings.vllm_max_model_len}, SAMPLING_MAX_TOKENS={settings.sampling_max_tokens}")
+          f"VLLM_MAX_MODEL_LEN={settings.max_model_len}, SAMPLING_MAX_TOKENS={settings.sampling_max_tokens}")
     print(plan.report())
-    return 0 if plan.kv_tokens >= settings.vllm_max_model_len else 1
+    return 0 if plan.kv_tokens >= settings.max_model_len else 1
 
 
 def _summarize(args: argparse.Namespace) -> int:
@@ -131,7 +131,7 @@ def _summarize(args: argparse.Namespace) -> int:
     else:
         with open(args.file, encoding="utf-8") if args.file != "-" else sys.stdin as stream:
             raw = list(read_json_lines(stream))
-    builder = PromptBuilder(engine.tokenizer, settings.vllm_max_model_len, settings.sampling_max_tokens, settings.summary_language)
+    builder = PromptBuilder(engine.tokenizer, settings.max_model_len, settings.sampling_max_tokens, settings.summary_language)
     prompts = [builder.build(validate_event(event)) for event in raw]
     started = time.monotonic()
     outputs = generate_isolated(engine, prompts)

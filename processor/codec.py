@@ -16,6 +16,8 @@ from typing import Any
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
+from processor.errors import RecordError, RegistryUnavailableError
+
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 HEADER_LENGTH = len(SINGLE_OBJECT_MAGIC) + 8
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
@@ -25,7 +27,7 @@ SUMMARY_SCHEMA = "ai_worker.SearchSummary"
 DEAD_LETTER_SCHEMA = "ai_worker.DeadLetter"
 
 
-class DecodeError(Exception):
+class DecodeError(RecordError):
     """A record's bytes cannot be read as any schema this worker knows; it belongs in the dead-letter topic."""
 
 
@@ -47,10 +49,6 @@ def spec_fingerprint(parsed_schema: dict[str, Any]) -> bytes:
     fastavro's hex digest is already in the spec's byte order (little-endian), unlike Java's long.
     """
     return bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed_schema), "CRC-64-AVRO"))
-
-
-class RegistryUnavailableError(Exception):
-    """The Schema Registry did not answer: infrastructure, not bad input — the worker stops rather than dead-letter."""
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from processor.errors import RecordError
 
-class InvalidEventError(Exception):
+
+class InvalidEventError(RecordError):
     """The record decoded but breaks the event contract (empty query, no results, ...); it goes to the DLQ."""
 
 

@@ -112,7 +112,7 @@ class Worker:
         self.codec = codec or make_codec(settings.schema_registry_url)
         self.metrics = metrics or Metrics()
         self.limits: BatchLimits = resolve_batch_limits(settings, engine.capacity())
-        self.prompts = PromptBuilder(engine.tokenizer, settings.vllm_max_model_len, settings.sampling_max_tokens, settings.summary_language)
+        self.prompts = PromptBuilder(engine.tokenizer, settings.max_model_len, settings.sampling_max_tokens, settings.summary_language)
         self.batcher = MicroBatcher(self.limits.max_records, settings.batch_max_wait_ms / 1000, self.limits.max_prompt_tokens)
         self.transactional = settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE
 

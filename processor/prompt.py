@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from processor.engines.base import ChatMessage, Prompt, Tokenizer
+from processor.errors import RecordError
 from processor.events import SearchEvent, SearchResult
 
 SYSTEM_TEMPLATE = (
@@ -54,7 +55,7 @@ _DELIMITER = re.compile(r"</?\s*(search_results|result|query)\b", re.IGNORECASE)
 _MAX_CHARS_PER_TOKEN = 16
 
 
-class PromptTooLongError(Exception):
+class PromptTooLongError(RecordError):
     """Even with every result cut, the prompt does not fit max_model_len − max_tokens."""
 
 

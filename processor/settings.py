@@ -12,13 +12,15 @@ import os
 from enum import Enum
 from typing import Any, Mapping
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from processor.errors import StartupError
 
 KAFKA_PASSTHROUGH_PREFIX = "KAFKA_OPT_"
 
 
-class ConfigurationError(Exception):
+class ConfigurationError(StartupError):
     """A setting is missing or invalid; the message names the environment variable to fix."""
 
 
@@ -26,6 +28,11 @@ class EngineKind(str, Enum):
     EXTRACTIVE = "extractive"
     TRANSFORMERS = "transformers"
     VLLM = "vllm"
+
+
+class GenerationMode(str, Enum):
+    MICRO_BATCH = "micro_batch"  # one blocking generate() per batch: the card's shape, the default
+    CONTINUOUS = "continuous"  # requests fed to the engine one by one and refilled as each finishes (vLLM)
 
 
 class ProcessingGuarantee(str, Enum):
@@ -36,7 +43,8 @@ class ProcessingGuarantee(str, Enum):
 class Settings(BaseSettings):
     """Every knob of the worker. Field names are the env names, lower-cased."""
 
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+    # populate_by_name: code and tests may use the engine-neutral field names; the environment uses the ADR's.
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True, populate_by_name=True)
 
     # Kafka
     kafka_bootstrap_servers: str = "localhost:9092"
@@ -60,9 +68,10 @@ class Settings(BaseSettings):
 
     # Delivery
     processing_guarantee: ProcessingGuarantee = ProcessingGuarantee.AT_LEAST_ONCE
-    transactional_id_suffix: str = Field(
-        default_factory=lambda: os.environ.get("HOSTNAME", "0"),
-        description="exactly_once: makes transactional.id unique and stable per worker (a pod name, say)",
+    transactional_id_suffix: str | None = Field(
+        None,
+        description="exactly_once (required there): makes transactional.id unique and stable per worker — a "
+        "StatefulSet pod name, say. Two workers with the same suffix fence each other.",
     )
     max_event_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger input records go to the DLQ undecoded")
     produce_max_attempts: int = Field(3, ge=1, description="times a batch's output is re-sent before the worker stops")
@@ -81,15 +90,18 @@ class Settings(BaseSettings):
 
     # Engine and model (names from the ADR)
     engine: EngineKind = EngineKind.EXTRACTIVE
-    vllm_model: str = "Qwen/Qwen2.5-7B-Instruct-AWQ"
+    generation_mode: GenerationMode = Field(
+        GenerationMode.MICRO_BATCH, description="micro_batch (default) or continuous (ENGINE=vllm only)"
+    )
+    model: str = Field("Qwen/Qwen2.5-7B-Instruct-AWQ", validation_alias=AliasChoices("vllm_model", "model"))
     vllm_quantization: str | None = "awq"
     vllm_gpu_memory_utilization: float = Field(0.92, gt=0.0, le=1.0)
-    vllm_max_model_len: int = Field(6144, ge=256)
+    max_model_len: int = Field(6144, ge=256, validation_alias=AliasChoices("vllm_max_model_len", "max_model_len"))
     vllm_use_v1: int = Field(0, ge=0, le=1)
     vllm_tensor_parallel_size: int = Field(1, ge=1)
     vllm_max_num_seqs: int = Field(256, ge=1)
     vllm_enable_prefix_caching: bool = False
-    vllm_seed: int = 0
+    seed: int = Field(0, validation_alias=AliasChoices("vllm_seed", "seed"))
     transformers_model: str | None = Field(None, description="model path or name for ENGINE=transformers; VLLM_MODEL when unset")
     transformers_device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     transformers_dtype: str = Field("auto", pattern="^(auto|float32|float16|bfloat16)$")
@@ -125,15 +137,34 @@ class Settings(BaseSettings):
         topics = {self.kafka_input_topic, self.kafka_output_topic, self.kafka_dlq_topic}
         if len(topics) != 3:
             raise ValueError("KAFKA_INPUT_TOPIC, KAFKA_OUTPUT_TOPIC and KAFKA_DLQ_TOPIC must be three different topics")
-        if self.sampling_max_tokens >= self.vllm_max_model_len:
+        if self.sampling_max_tokens >= self.max_model_len:
             raise ValueError("SAMPLING_MAX_TOKENS must be smaller than VLLM_MAX_MODEL_LEN: no room is left for the prompt")
+        if self.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE and not (self.transactional_id_suffix or "").strip():
+            raise ValueError(
+                "PROCESSING_GUARANTEE=exactly_once needs TRANSACTIONAL_ID_SUFFIX, stable and unique per worker (a "
+                "StatefulSet pod name, say): workers sharing a transactional.id fence each other"
+            )
+        if self.generation_mode is GenerationMode.CONTINUOUS and self.engine is not EngineKind.VLLM:
+            raise ValueError(
+                f"GENERATION_MODE=continuous needs ENGINE=vllm (ENGINE={self.engine.value} has no add_request/step API); "
+                "use GENERATION_MODE=micro_batch"
+            )
         if self.kafka_sasl_mechanism and not self.kafka_security_protocol.startswith("SASL"):
             raise ValueError("KAFKA_SASL_MECHANISM needs KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT or SASL_SSL")
         return self
 
+    @classmethod
+    def env_names(cls) -> dict[str, str]:
+        """Field name → the environment variable that sets it (the ADR's name where the field is engine-neutral)."""
+        names = {}
+        for name, info in cls.model_fields.items():
+            alias = info.validation_alias
+            names[name] = (alias.choices[0] if isinstance(alias, AliasChoices) else alias or name).upper()
+        return names
+
     @property
     def model_for_transformers(self) -> str:
-        return self.transformers_model or self.vllm_model
+        return self.transformers_model or self.model
 
     def kafka_passthrough(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
         """librdkafka properties given as KAFKA_OPT_<NAME>=value (NAME with _ for .)."""

@@ -18,14 +18,11 @@ from confluent_kafka import KafkaError, Message, Producer
 from processor import __version__
 from processor.batcher import Batch, BatchItem
 from processor.engines.base import Generation
+from processor.errors import OutputUnavailableError
 
 log = logging.getLogger(__name__)
 
 DLQ_HEADER_PREFIX = "dlq."
-
-
-class OutputUnavailableError(Exception):
-    """Output or DLQ records could not be delivered after every attempt; nothing of the batch was committed."""
 
 
 @dataclass(frozen=True)

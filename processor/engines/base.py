@@ -7,7 +7,9 @@ own token ids, so the count the batcher used is exactly what the model sees.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Iterable, Protocol, Sequence, runtime_checkable
+
+from processor.errors import RecordError, StartupError
 
 if TYPE_CHECKING:
     from processor.capacity import CapacityPlan
@@ -60,11 +62,7 @@ class Generation:
     completion_tokens: int
 
 
-class EngineError(Exception):
-    """The engine failed; the message says whether it is this event's fault or the engine's."""
-
-
-class EventGenerationError(EngineError):
+class EventGenerationError(RecordError):
     """The engine produced nothing usable for one event (e.g. vLLM's empty "length" answer to an over-long prompt)."""
 
 
@@ -72,7 +70,7 @@ class EmptySummaryError(EventGenerationError):
     """The engine returned an empty or whitespace-only summary."""
 
 
-class EngineStartupError(EngineError):
+class EngineStartupError(StartupError):
     """The engine cannot start with this configuration; the message names the settings to change."""
 
 
@@ -95,3 +93,54 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class InFlightBudget:
+    """How much work an engine can hold at once without preempting: sequences, and KV-cache tokens (prompt +
+    max new tokens of every request in flight). From what the engine really allocated, once it has started."""
+
+    max_sequences: int
+    kv_tokens: int
+
+    def admits(self, sequences: int, tokens: int) -> bool:
+        return sequences <= self.max_sequences and tokens <= self.kv_tokens
+
+
+@dataclass(frozen=True)
+class Finished:
+    """One request that finished in a step(): its id and its outcome (a summary, or this event's failure)."""
+
+    request_id: str
+    outcome: "Generation | EventGenerationError"
+
+
+@runtime_checkable
+class StreamingEngine(Engine, Protocol):
+    """An engine that takes requests one at a time and finishes them out of order (vLLM's add_request/step).
+
+    GENERATION_MODE=continuous needs it; engines without it run in micro_batch mode only.
+    """
+
+    def add_request(self, request_id: str, prompt: Prompt) -> None:
+        """Queue one prompt; it runs beside whatever is already in flight."""
+        ...
+
+    def step(self) -> list[Finished]:
+        """One engine iteration. Returns the requests that finished in it, in any order. Raising means the engine
+        failed as a whole (every request in flight is then unaccounted for)."""
+        ...
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        """Drop requests (their partition was revoked); unknown or finished ids are ignored."""
+        ...
+
+    def has_unfinished(self) -> bool: ...
+
+    def in_flight_budget(self) -> InFlightBudget | None:
+        """Sequences and KV tokens the engine holds at once, or None where memory does not bound it."""
+        ...
+
+
+def supports_streaming(engine: Engine) -> bool:
+    return isinstance(engine, StreamingEngine)

@@ -32,8 +32,8 @@ class TransformersEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-        if settings.vllm_seed is not None:
-            torch.manual_seed(settings.vllm_seed)
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "TransformersEngine":
@@ -57,9 +57,9 @@ class TransformersEngine:
                 f"cannot load model {path!r} (TRANSFORMERS_MODEL or VLLM_MODEL): {exc}"
             ) from None
         context = getattr(model.config, "max_position_embeddings", None)
-        if context is not None and settings.vllm_max_model_len > context:
+        if context is not None and settings.max_model_len > context:
             raise EngineStartupError(
-                f"VLLM_MAX_MODEL_LEN={settings.vllm_max_model_len} exceeds the model's max_position_embeddings={context}"
+                f"VLLM_MAX_MODEL_LEN={settings.max_model_len} exceeds the model's max_position_embeddings={context}"
             )
         log.info("transformers engine: %s on %s (%s)", path, device, dtype_name)
         return cls(model, tokenizer, settings, path)

@@ -36,14 +36,14 @@ class PromptIgnoredError(EventGenerationError):
 def llm_kwargs(settings: Settings) -> dict[str, Any]:
     """The `LLM(...)` arguments, exactly as the ADR runs it."""
     return {
-        "model": settings.vllm_model,
+        "model": settings.model,
         "quantization": settings.vllm_quantization,
         "gpu_memory_utilization": settings.vllm_gpu_memory_utilization,
-        "max_model_len": settings.vllm_max_model_len,
+        "max_model_len": settings.max_model_len,
         "tensor_parallel_size": settings.vllm_tensor_parallel_size,
         "max_num_seqs": settings.vllm_max_num_seqs,
         "enable_prefix_caching": settings.vllm_enable_prefix_caching,
-        "seed": settings.vllm_seed,
+        "seed": settings.seed,
     }
 
 
@@ -74,7 +74,7 @@ class VllmEngine:
         self.llm = llm
         self.vllm = vllm_module
         self.settings = settings
-        self.model = settings.vllm_model
+        self.model = settings.model
         self.tokenizer = HFChatTokenizer(llm.get_tokenizer())
 
     @classmethod
@@ -88,9 +88,9 @@ class VllmEngine:
             text = str(exc)
             if "cache blocks" in text or "KV cache" in text or "gpu_memory_utilization" in text:
                 raise EngineStartupError(
-                    f"the GPU cannot hold {settings.vllm_model} with its KV cache ({text}). Raise "
+                    f"the GPU cannot hold {settings.model} with its KV cache ({text}). Raise "
                     f"VLLM_GPU_MEMORY_UTILIZATION (now {settings.vllm_gpu_memory_utilization}) if other processes "
-                    f"leave room, or lower VLLM_MAX_MODEL_LEN (now {settings.vllm_max_model_len}); "
+                    f"leave room, or lower VLLM_MAX_MODEL_LEN (now {settings.max_model_len}); "
                     "`python -m processor plan <config.json>` shows the arithmetic"
                 ) from None
             raise EngineStartupError(f"vLLM rejected the configuration: {text}") from None
@@ -99,7 +99,7 @@ class VllmEngine:
                 raise EngineStartupError(
                     f"vLLM could not start on this machine ({exc}); it needs an NVIDIA GPU with room for the weights: "
                     f"check VLLM_GPU_MEMORY_UTILIZATION={settings.vllm_gpu_memory_utilization} and "
-                    f"VLLM_MAX_MODEL_LEN={settings.vllm_max_model_len}"
+                    f"VLLM_MAX_MODEL_LEN={settings.max_model_len}"
                 ) from None
             raise
         engine = cls(llm, vllm, settings)
@@ -121,7 +121,7 @@ class VllmEngine:
                 results.append(
                     PromptIgnoredError(
                         f"vLLM ignored the prompt ({prompt.prompt_tokens} tokens): longer than "
-                        f"VLLM_MAX_MODEL_LEN={self.settings.vllm_max_model_len}"
+                        f"VLLM_MAX_MODEL_LEN={self.settings.max_model_len}"
                     )
                 )
             elif completion.finish_reason == "abort":

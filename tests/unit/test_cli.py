@@ -45,7 +45,7 @@ def test_every_setting_is_documented_in_the_readme():
     from processor.settings import Settings
 
     readme = (ROOT / "README.md").read_text()
-    missing = [name.upper() for name in Settings.model_fields if f"`{name.upper()}`" not in readme]
+    missing = [env for env in Settings.env_names().values() if f"`{env}`" not in readme]
     assert missing == []
 
 

@@ -9,10 +9,10 @@ def test_adr_defaults():
     assert s.kafka_output_topic == "search-summaries"
     assert s.kafka_dlq_topic == "search-results.dlq"
     assert s.kafka_group_id == "ai-worker"
-    assert s.vllm_model == "Qwen/Qwen2.5-7B-Instruct-AWQ"
+    assert s.model == "Qwen/Qwen2.5-7B-Instruct-AWQ"
     assert s.vllm_quantization == "awq"
     assert s.vllm_gpu_memory_utilization == 0.92
-    assert s.vllm_max_model_len == 6144
+    assert s.max_model_len == 6144
     assert s.vllm_use_v1 == 0
     assert (s.sampling_temperature, s.sampling_top_p, s.sampling_max_tokens) == (0.7, 0.9, 1536)
 
