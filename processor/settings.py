@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     # Engine and model (names from the ADR)
     engine: EngineKind = EngineKind.EXTRACTIVE
     generation_mode: GenerationMode = Field(
-        GenerationMode.MICRO_BATCH, description="micro_batch (default) or continuous (ENGINE=vllm only)"
+        GenerationMode.MICRO_BATCH, description="micro_batch (default) or continuous (ENGINE=vllm or extractive)"
     )
     model: str = Field("Qwen/Qwen2.5-7B-Instruct-AWQ", validation_alias=AliasChoices("vllm_model", "model"))
     vllm_quantization: str | None = "awq"
@@ -144,10 +144,10 @@ class Settings(BaseSettings):
                 "PROCESSING_GUARANTEE=exactly_once needs TRANSACTIONAL_ID_SUFFIX, stable and unique per worker (a "
                 "StatefulSet pod name, say): workers sharing a transactional.id fence each other"
             )
-        if self.generation_mode is GenerationMode.CONTINUOUS and self.engine is not EngineKind.VLLM:
+        if self.generation_mode is GenerationMode.CONTINUOUS and self.engine is EngineKind.TRANSFORMERS:
             raise ValueError(
-                f"GENERATION_MODE=continuous needs ENGINE=vllm (ENGINE={self.engine.value} has no add_request/step API); "
-                "use GENERATION_MODE=micro_batch"
+                "GENERATION_MODE=continuous needs an engine that takes requests one by one (ENGINE=vllm, or the "
+                "model-free ENGINE=extractive); ENGINE=transformers runs GENERATION_MODE=micro_batch only"
             )
         if self.kafka_sasl_mechanism and not self.kafka_security_protocol.startswith("SASL"):
             raise ValueError("KAFKA_SASL_MECHANISM needs KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT or SASL_SSL")
