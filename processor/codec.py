@@ -156,9 +156,18 @@ class RegistryCodec:
         from confluent_kafka.schema_registry.avro import AvroSerializer
         from confluent_kafka.serialization import MessageField, SerializationContext
 
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
         if schema_name not in self._serializers:
             self._serializers[schema_name] = AvroSerializer(self.client, self._schema_text(schema_name))
-        return bytes(self._serializers[schema_name](record, SerializationContext(topic, MessageField.VALUE)))
+        try:
+            return bytes(self._serializers[schema_name](record, SerializationContext(topic, MessageField.VALUE)))
+        except SchemaRegistryError as exc:
+            raise RegistryUnavailableError(f"Schema Registry refused or failed to register {schema_name}: {exc}") from None
+        except Exception as exc:
+            if _is_transport_error(exc):
+                raise RegistryUnavailableError(f"Schema Registry unreachable: {type(exc).__name__}: {exc}") from None
+            raise
 
     def decode(self, payload: bytes | None, schema_name: str, topic: str = "") -> dict[str, Any]:
         from confluent_kafka.schema_registry.avro import AvroDeserializer
@@ -176,6 +185,7 @@ class RegistryCodec:
         except SchemaRegistryError as exc:
             if exc.http_status_code == 404:
                 raise UnknownSchemaError(f"schema id {int.from_bytes(payload[1:5], 'big')} is unknown to the registry") from None
+            # 5xx, auth, rate limits: the registry's trouble, not the record's.
             raise RegistryUnavailableError(f"Schema Registry error: {exc}") from None
         except SerializationError as exc:
             text = str(exc)
@@ -186,6 +196,18 @@ class RegistryCodec:
             raise CorruptBodyError(f"a string field is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
         except (EOFError, ValueError, IndexError, TypeError, OverflowError) as exc:
             raise CorruptBodyError(f"Avro body does not match its registered schema: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:
+            if _is_transport_error(exc):
+                raise RegistryUnavailableError(f"Schema Registry unreachable: {type(exc).__name__}: {exc}") from None
+            raise
+
+
+_TRANSPORT_ERROR_NAMES = frozenset({"RequestError", "TransportError", "TimeoutException", "NetworkError", "ConnectionError"})
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    """A failure to reach the registry (refused, reset, timed out), whatever HTTP library the client uses."""
+    return isinstance(exc, (OSError, TimeoutError)) or any(cls.__name__ in _TRANSPORT_ERROR_NAMES for cls in type(exc).__mro__)
 
 
 def make_codec(schema_registry_url: str | None) -> "AvroCodec | RegistryCodec":

@@ -1,99 +1,62 @@
-"""The consumer loop: consume → decode → validate → prompt → micro-batch → generate → publish → commit.
+"""The Worker: consume → intake → generation → records → sink → checkpoint, orchestrated on one thread.
 
-One main thread owns the consumer and the producer; generate() runs in a worker thread. The stages overlap:
-while the engine generates batch N, the main thread consumes and prepares batch N+1 and publishes and commits
-batch N−1, so the engine never waits on Kafka. Memory stays bounded: at most one closed batch waits for the
-engine; past that every assigned partition is paused and the loop keeps calling poll(), so the consumer never
-exceeds max.poll.interval.ms however long generate() takes.
+Each stage lives in its own module and the Worker only moves work between them:
+  intake.py      message → source record → batch item (prompt, or the record's error)
+  generation.py  the engine's thread(s): micro-batches or the continuous feed; the probe that tells a broken GPU
+                 from a poison event
+  records.py     summary / dead letter for each finished item
+  sink.py        delivery, acknowledgements, the first delivery error latched
+  checkpoint.py  ownership epochs, commit order (contiguous acked prefix per partition), at-least-once or
+                 transactional commits
+  clients.py     the Kafka clients' configuration and the broker's health
 
-Offsets are committed per batch, in batch order, only after every output and dead-letter record of the batch is
-acknowledged (at-least-once). A partition's records carry the assignment epoch they were consumed under; after a
-revoke, anything of the old epoch is neither published nor committed by this worker.
+Failures follow errors.py: a RecordError becomes that record's dead letter and its offset is committed; an
+InfrastructureError (engine, registry, broker, commit, output) holds the pipeline — nothing dead-lettered, nothing
+committed past it — and is retried with backoff while the consumer keeps polling, then ends the worker with the
+error's exit code. Memory stays bounded: when generation wants nothing, every assigned partition is paused and
+the loop keeps calling poll(), so the consumer never exceeds max.poll.interval.ms however long generate() takes.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import signal
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Sequence
+from datetime import datetime, timezone
+from typing import Any, Callable
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
-from processor.batcher import Batch, BatchItem, MicroBatcher, SourceRecord
+from processor.batcher import BatchItem, MicroBatcher, SourceRecord
 from processor.capacity import BatchLimits, resolve_batch_limits
-from processor.codec import EVENT_SCHEMA, SUMMARY_SCHEMA, AvroCodec, RegistryCodec, RegistryUnavailableError, make_codec
-from processor.engines.base import Engine, EngineStartupError, EventGenerationError, Generation
-from processor.engines.isolation import generate_isolated
+from processor.checkpoint import TP, AtLeastOnceCheckpoint, Ownership, TransactionalCheckpoint
+from processor.clients import BrokerHealth, consumer_config, is_cooperative, make_consumer, make_producer, max_record_bytes, producer_config
+from processor.codec import SUMMARY_SCHEMA, make_codec
+from processor.engines.base import Engine, EngineStartupError, Prompt, supports_streaming
+from processor.errors import EXIT_OK, CommitFailedError, InfrastructureError, RegistryUnavailableError
 from processor.events import validate_event
+from processor.generation import ContinuousScheduler, Done, MicroBatchScheduler, Scheduler
+from processor.intake import Intake, source_of
 from processor.metrics import Metrics
 from processor.prompt import PromptBuilder
-from processor.settings import ProcessingGuarantee, Settings
-from processor.sink import OutgoingRecord, OutputUnavailableError, Publication, Sink
+from processor.records import OutgoingRecord, RecordBuilder, parse_dead_letter
+from processor.retry import Backoff
+from processor.settings import GenerationMode, ProcessingGuarantee, Settings
+from processor.sink import Sink
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.1
-PROBE_AFTER_S = 5.0
 PAUSE_AFTER_S = 0.5  # far below any max.poll.interval.ms librdkafka accepts (≥ 1 s)
 LAG_EVERY_S = 5.0
-EXIT_OK, EXIT_BROKER_UNAVAILABLE, EXIT_OUTPUT_FAILED = 0, 3, 4
-
-TP = tuple[str, int]
-
-
-class BrokerUnavailableError(Exception):
-    """No broker answered for longer than BROKER_UNAVAILABLE_TIMEOUT_S."""
+REPORT_EVERY_S = 10.0
+CONTINUOUS_COMMIT_EVERY_S = 0.2
 
 
-class RecordTooLargeError(Exception):
-    """The record's value is larger than MAX_EVENT_BYTES."""
-
-
-class GenerationJob:
-    """One engine call; its results (or failure) are set by the generation thread."""
-
-    def __init__(self, batch: Batch, isolate: bool = True) -> None:
-        self.batch = batch
-        self.isolate = isolate  # False: exceptions surface as the job's failure (the warm-up wants them)
-        self.results: list[Generation | EventGenerationError] | None = None
-        self.failure: BaseException | None = None
-        self.started = time.monotonic()
-        self.finished: float | None = None
-        self.done = threading.Event()
-
-
-class GenerationThread:
-    """One long-lived daemon thread runs every generate(). Long-lived because CUDA libraries keep per-thread state
-    (cuBLAS handles, workspaces) that a fresh thread per batch would pay for again on every batch — measured on an
-    H100 at 3-4× the batch's own generation time. A daemon, so a stuck generate() can be abandoned at shutdown."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._jobs: queue.SimpleQueue[GenerationJob] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name="generate", daemon=True)
-        self._thread.start()
-
-    def submit(self, batch: Batch, isolate: bool = True) -> GenerationJob:
-        job = GenerationJob(batch, isolate)
-        self._jobs.put(job)
-        return job
-
-    def _serve(self) -> None:
-        while True:
-            job = self._jobs.get()
-            job.started = time.monotonic()
-            try:
-                prompts = job.batch.prompts
-                job.results = generate_isolated(self.engine, prompts) if job.isolate else list(self.engine.generate(prompts))
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which decides
-                job.failure = exc
-            finally:
-                job.finished = time.monotonic()
-                job.done.set()
+def _names(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "nothing"
 
 
 class Worker:
@@ -102,10 +65,12 @@ class Worker:
         settings: Settings,
         engine: Engine,
         *,
+        consumer: Any = None,
+        producer: Any = None,
         consumer_overrides: dict[str, Any] | None = None,
         producer_overrides: dict[str, Any] | None = None,
         metrics: Metrics | None = None,
-        codec: AvroCodec | RegistryCodec | None = None,
+        codec: Any = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -113,168 +78,163 @@ class Worker:
         self.metrics = metrics or Metrics()
         self.limits: BatchLimits = resolve_batch_limits(settings, engine.capacity())
         self.prompts = PromptBuilder(engine.tokenizer, settings.max_model_len, settings.sampling_max_tokens, settings.summary_language)
-        self.batcher = MicroBatcher(self.limits.max_records, settings.batch_max_wait_ms / 1000, self.limits.max_prompt_tokens)
         self.transactional = settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE
+        self.continuous = settings.generation_mode is GenerationMode.CONTINUOUS
+        if self.continuous and not supports_streaming(engine):
+            raise EngineStartupError(f"GENERATION_MODE=continuous needs an engine with add_request/step; ENGINE={engine.kind} has none")
 
-        common = settings.kafka_common()
-        consumer_conf: dict[str, Any] = {**common, **(consumer_overrides or {})}
-        self._cooperative = "cooperative" in str(consumer_conf.get("partition.assignment.strategy", ""))
-        self.consumer = Consumer(
-            {
-                **common,
-                "group.id": settings.kafka_group_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": settings.kafka_auto_offset_reset,
-                "session.timeout.ms": settings.kafka_session_timeout_ms,
-                "heartbeat.interval.ms": settings.kafka_heartbeat_interval_ms,
-                "max.poll.interval.ms": settings.kafka_max_poll_interval_ms,
-                # Downstream read_committed consumers are the point of exactly-once; read the input the same way.
-                "isolation.level": "read_committed",
-                "error_cb": self._on_client_error,
-                **(consumer_overrides or {}),
-            }
+        self.health = BrokerHealth(bootstrap=settings.kafka_bootstrap_servers, timeout_s=settings.broker_unavailable_timeout_s,
+                                   probe=lambda: self.consumer.list_topics(settings.kafka_input_topic, timeout=2.0))
+        consumer_conf = consumer_config(settings, self.health.on_client_error, consumer_overrides)
+        producer_conf = producer_config(settings, self.health.on_client_error, producer_overrides)
+        self._cooperative = is_cooperative(consumer_conf)
+        self.consumer = consumer if consumer is not None else make_consumer(consumer_conf)
+        self.producer = producer if producer is not None else make_producer(producer_conf)
+
+        self.intake = Intake(codec=self.codec, prompts=self.prompts, max_event_bytes=settings.max_event_bytes)
+        self.records = RecordBuilder(
+            encode_summary=lambda record: self.codec.encode(record, SUMMARY_SCHEMA, settings.kafka_output_topic),
+            output_topic=settings.kafka_output_topic, dlq_topic=settings.kafka_dlq_topic, engine_kind=engine.kind,
+            model=engine.model, prompt_version=self.prompts.version, max_record_bytes=max_record_bytes(producer_conf),
+            citations=_citations(),
         )
-        producer_conf: dict[str, Any] = {
-            **common,
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 5,
-            "message.timeout.ms": settings.delivery_timeout_ms,
-            # Dead letters carry the original value; the broker, not this client, decides what is too large.
-            "message.max.bytes": 100 * 1024 * 1024,
-            "error_cb": self._on_client_error,
-        }
+        self.sink = Sink(producer=self.producer, max_attempts=settings.produce_max_attempts, on_acknowledged=self._on_acknowledged)
+        self.ownership = Ownership()
+        commit_every = CONTINUOUS_COMMIT_EVERY_S if self.continuous else 0.0
+        self.checkpoint: AtLeastOnceCheckpoint | TransactionalCheckpoint
         if self.transactional:
-            producer_conf["transactional.id"] = f"{settings.kafka_group_id}-{settings.kafka_input_topic}-{settings.transactional_id_suffix}"
-            producer_conf["transaction.timeout.ms"] = max(60_000, settings.delivery_timeout_ms)  # librdkafka: ≥ message.timeout.ms
-        self.producer = Producer({**producer_conf, **(producer_overrides or {})})
-        self.sink = Sink(
-            self.producer,
-            lambda record: self.codec.encode(record, SUMMARY_SCHEMA, settings.kafka_output_topic),
-            settings.kafka_output_topic,
-            settings.kafka_dlq_topic,
-            engine.kind,
-            engine.model,
-            self.prompts.version,
-            settings.produce_max_attempts,
-            on_delivered=self._on_delivered,
-        )
+            self.checkpoint = TransactionalCheckpoint(
+                producer=self.producer, consumer=self.consumer, sink=self.sink, ownership=self.ownership,
+                flush_timeout_s=settings.delivery_timeout_ms / 1000 * settings.produce_max_attempts,
+                keep_alive=self._keep_alive, on_committed=self._on_committed, min_commit_interval_s=commit_every,
+            )
+        else:
+            self.checkpoint = AtLeastOnceCheckpoint(consumer=self.consumer, ownership=self.ownership, one_batch_at_a_time=not self.continuous,
+                                                    min_commit_interval_s=commit_every, on_committed=self._on_committed)
+        self.scheduler: Scheduler = self._scheduler()
 
-        self._epochs: dict[TP, int] = {}
-        self._epoch_counter = 0
-        self._ready: deque[Batch] = deque()
-        self._job: GenerationJob | None = None
-        self._generator = GenerationThread(engine)
-        self._publishing: deque[Publication] = deque()
+        self._inbox: deque[Message] = deque()  # consumed, not yet through intake (held while the registry is down)
+        self._registry = Backoff(give_up_after_s=settings.infrastructure_retry_timeout_s)
+        self._commits = Backoff(give_up_after_s=settings.broker_unavailable_timeout_s)
         self._paused = False
-        self._stop = threading.Event()
-        self._last_broker_ok = time.monotonic()
-        self._brokers_down = False
-        self._engine_idle_since: float | None = time.monotonic()
-        self._lag_observed_at = 0.0
         self._full_since: float | None = None
-        self.committed: dict[TP, int] = {}  # what this worker committed last, per partition (tests and lag)
-        self.records_committed = 0  # input records whose outcome is acknowledged and committed
+        self._stop = threading.Event()
+        self._lag_observed_at = 0.0
+        self._reported_at = time.monotonic()
+        self._unassigned_warned_at = time.monotonic()
+        self.totals = {"consumed": 0, "summaries": 0, "dead_letters": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
-    # ----------------------------------------------------------------------------------------------- control
+    def _scheduler(self) -> Scheduler:
+        probe = self._probe_prompt()
+        timeout = self.settings.infrastructure_retry_timeout_s
+        if self.continuous:
+            from processor.continuous import ContinuousFeed
+
+            feed = ContinuousFeed(self.engine, budget=self.engine.in_flight_budget(), max_new_tokens=self.settings.sampling_max_tokens)  # type: ignore[attr-defined]
+            return ContinuousScheduler(feed=feed, engine=self.engine, probe_prompt=probe, retry_timeout_s=timeout)
+        batcher = MicroBatcher(self.limits.max_records, self.settings.batch_max_wait_ms / 1000, self.limits.max_prompt_tokens)
+        return MicroBatchScheduler(engine=self.engine, batcher=batcher, probe_prompt=probe, retry_timeout_s=timeout)
+
+    def _probe_prompt(self) -> Prompt:
+        from processor.samples import sample_events
+
+        return self.prompts.build(validate_event(sample_events()[1]))
+
+    # ------------------------------------------------------------------------------------------------ control
+    @property
+    def committed(self) -> dict[TP, int]:
+        """What this worker committed last, per partition (tests, lag, backfill progress)."""
+        return self.checkpoint.committed_offsets
+
+    @property
+    def records_committed(self) -> int:
+        """Input records whose outcome is acknowledged and committed."""
+        return self.checkpoint.records_committed
+
+    @property
+    def assigned(self) -> list[TP]:
+        return self.ownership.partitions
+
     def request_stop(self) -> None:
-        """Stop fetching, finish or abandon the in-flight batch, commit what is acknowledged, close."""
+        """Stop fetching, finish or abandon the work in flight, publish and commit what finished, close."""
         self._stop.set()
 
     def install_signal_handlers(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.request_stop())
 
-    @property
-    def assigned(self) -> list[TP]:
-        return sorted(self._epochs)
-
     def warm_up(self) -> float:
-        """One sample generate() on the generation thread before taking partitions: the first call on a thread pays
+        """One sample generate() on the engine's own thread before taking partitions: the first call on a thread pays
         CUDA's per-thread set-up, and an engine that cannot generate at all should fail before it owns any data."""
-        from processor.samples import sample_events
-
         started = time.monotonic()
-        prompt = self.prompts.build(validate_event(sample_events()[1]))
-        batch = Batch()
-        batch.add(BatchItem(SourceRecord("warm-up", -1, -1, None, None, None), prompt=prompt))
-        job = self._generator.submit(batch, isolate=False)
-        job.done.wait()
-        if job.failure is not None:
-            raise EngineStartupError(f"the engine failed its warm-up generate(): {job.failure}") from job.failure
-        if job.results and not isinstance(job.results[0], Generation):
-            log.warning("warm-up generate() produced no summary: %s", job.results[0])
+        try:
+            self.scheduler.warm_up(self._probe_prompt())
+        except Exception as exc:  # noqa: BLE001 - any failure here means the engine cannot start
+            raise EngineStartupError(f"the engine failed its warm-up generate(): {exc}") from exc
         return time.monotonic() - started
 
     def run(self, until: Callable[[], bool] | None = None) -> int:
         """Process until request_stop() (or `until()` is true); return the process exit code."""
         log.info("engine warmed up in %.1f s", self.warm_up())
-        self.consumer.subscribe(
-            [self.settings.kafka_input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
-        )
+        if self._stop.is_set():
+            self._close()
+            return EXIT_OK
         if self.transactional:
             self.producer.init_transactions(30)
+        log.info("joining group %s on %s at %s", self.settings.kafka_group_id, self.settings.kafka_input_topic, self.settings.kafka_bootstrap_servers,
+                 extra={"engine": self.engine.kind, "model": self.engine.model, "mode": self.settings.generation_mode.value,
+                        "batch_limits": self.limits.describe()})
+        self.consumer.subscribe([self.settings.kafka_input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
         self.metrics.ready(engine_loaded=True, assigned=False)
-        log.info(
-            "worker started",
-            extra={"engine": self.engine.kind, "model": self.engine.model, "batch_limits": self.limits.describe()},
-        )
         try:
             while not self._stop.is_set() and not (until and until()):
                 self._step()
             self._shutdown()
             return EXIT_OK
-        except (BrokerUnavailableError, RegistryUnavailableError) as exc:
-            log.error("stopping: %s", exc)
-            return EXIT_BROKER_UNAVAILABLE
-        except OutputUnavailableError as exc:
-            log.error("stopping without committing the failed batch: %s", exc)
-            return EXIT_OUTPUT_FAILED
+        except InfrastructureError as exc:
+            log.error("stopping (%s unavailable, exit %d): %s; nothing past the failure is committed", exc.what, exc.exit_code, exc)
+            return exc.exit_code
         finally:
             self._close()
 
-    # -------------------------------------------------------------------------------------------- main step
+    # ------------------------------------------------------------------------------------------------- step
     def _step(self) -> None:
         self.metrics.heartbeat()
-        self._collect_generation()
-        self._start_generation()
-        self.sink.service(0)
-        self._commit_acknowledged()
-        self._check_health()
+        self._finish(self.scheduler.take())
+        self._publish()
+        self._commit()
+        self.health.check()
         self._observe_lag()
+        self._report()
+        self._consume()
+        self._drain_inbox()
 
-        # Block only as long as nothing else is waiting: acks and finished generations must not sit behind a poll.
-        busy = bool(self._publishing) or (self._job is not None and self._job.done.is_set())
-        if self._accepting():
+    def _consume(self) -> None:
+        wanted = 0 if (self._inbox or self.checkpoint.holding) else self.scheduler.wanted()
+        if wanted > 0:
             self._full_since = None
             self._set_paused(False)
-            room = max(1, min(self.batcher.room, 1000))
-            wait = self.batcher.seconds_until_due()
-            timeout = 0.0 if busy else POLL_INTERVAL_S if wait is None else min(POLL_INTERVAL_S, wait)
-            messages = self.consumer.consume(room, timeout)
+            due = self.scheduler.seconds_until_due()
+            busy = not self.sink.idle
+            timeout = 0.0 if busy else POLL_INTERVAL_S if due is None else min(POLL_INTERVAL_S, due)
+            self._inbox.extend(self.consumer.consume(min(wanted, 1000), timeout))
+            return
+        # Full. For a moment, simply stop taking records. If it lasts (a long generate()), pause every partition
+        # and keep polling: paused partitions return nothing, but poll() keeps the group membership alive.
+        # Pausing at once would cost a refetch per batch: librdkafka drops a paused partition's prefetched queue.
+        self._full_since = self._full_since or time.monotonic()
+        if time.monotonic() - self._full_since >= PAUSE_AFTER_S:
+            self._keep_alive()
+        if not self.sink.idle:
+            self.sink.poll(0.005)  # returns as soon as a delivery report arrives
         else:
-            # Full. For a moment, simply stop taking records. If it lasts (a long generate()), pause every partition
-            # and keep polling: paused partitions return nothing, but poll() keeps the group membership alive.
-            # Pausing at once would cost a refetch per batch: librdkafka drops a paused partition's prefetched queue.
-            self._full_since = self._full_since or time.monotonic()
-            messages = []
-            if time.monotonic() - self._full_since >= PAUSE_AFTER_S:
-                self._set_paused(True)
-                messages = self.consumer.consume(1, 0)
-            if self._publishing:
-                self.sink.service(0.005)  # returns as soon as a delivery report arrives
-            elif self._job is not None:
-                # Wake seldom: every wake takes the GIL from the generation thread, which needs it to launch kernels.
-                self._job.done.wait(0.25 if self._paused else 0.05)
-        for message in messages:
-            self._accept(message)
-        due = self.batcher.due()
-        if due is not None:
-            self._ready.append(due)
+            # Wake seldom: every wake takes the GIL from the engine's thread, which needs it to launch kernels.
+            self.scheduler.wait(0.25 if self._paused else 0.05)
 
-    def _accepting(self) -> bool:
-        # One batch may wait for the engine; more is memory for nothing.
-        return not self._ready
+    def _keep_alive(self) -> None:
+        """Poll with every partition paused: group membership stays alive, nothing new is fetched."""
+        self._set_paused(True)
+        self._inbox.extend(self.consumer.consume(1, 0))
 
     def _set_paused(self, paused: bool) -> None:
         if paused == self._paused:
@@ -284,195 +244,102 @@ class Worker:
             (self.consumer.pause if paused else self.consumer.resume)(partitions)
         self._paused = paused
 
-    # --------------------------------------------------------------------------------------------- intake
-    def _accept(self, message: Message) -> None:
-        error = message.error()
-        if error is not None:
-            if error.code() != KafkaError._PARTITION_EOF:
-                log.warning("consumer error: %s", error.str())
-                if error.fatal():
-                    raise KafkaException(error)
+    def _drain_inbox(self) -> None:
+        if self._registry.failing and not self._registry.due():
             return
-        tp = (message.topic(), message.partition())
-        epoch = self._epochs.get(tp)
-        if epoch is None:
-            return  # fetched just before a revoke; the new owner reads it
-        self._broker_ok()
-        timestamp_type, timestamp = message.timestamp()
-        source = SourceRecord(
-            tp[0],
-            tp[1],
-            message.offset(),
-            message.key(),
-            message.value(),
-            timestamp if timestamp_type else None,
-            tuple(message.headers() or ()),
-            epoch,
-        )
-        self.metrics.consumed(tp)
-        for closed in self.batcher.add(self._prepare(source)):
-            self._ready.append(closed)
-
-    def _prepare(self, source: SourceRecord) -> BatchItem:
-        """Everything between bytes and prompt; any failure becomes this record's dead letter, never a crash."""
-        event_id: str | None = None
-        try:
-            if source.value is not None and len(source.value) > self.settings.max_event_bytes:
-                raise RecordTooLargeError(
-                    f"value is {len(source.value)} bytes, over MAX_EVENT_BYTES={self.settings.max_event_bytes}"
-                )
-            record = self.codec.decode(source.value, EVENT_SCHEMA, source.topic)
-            event_id = record.get("event_id") if isinstance(record.get("event_id"), str) else None
-            prompt = self.prompts.build(validate_event(record))
-            return BatchItem(source, prompt=prompt)
-        except RegistryUnavailableError:
-            raise  # not this record's fault: dead-lettering would send every record to the DLQ
-        except Exception as exc:  # noqa: BLE001 - bad input must not stop the stream
-            return BatchItem(source, error=exc, decoded_event_id=event_id)
-
-    # ----------------------------------------------------------------------------------------- generation
-    def _start_generation(self) -> None:
-        while self._job is None and self._ready:
-            batch = self._ready.popleft().without(self._owned)
-            if not batch.items:
+        while self._inbox:
+            message = self._inbox[0]
+            error = message.error()
+            if error is not None:
+                self._inbox.popleft()
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", error.str())
+                    if error.fatal():
+                        raise KafkaException(error)
                 continue
-            if not batch.prompts:  # only failed records: nothing for the engine to do
-                if self._publishing:
-                    self._ready.appendleft(batch)  # keep commit order and one batch in publication
-                    return
-                self._publish(batch, [])
+            epoch = self.ownership.epoch((message.topic(), message.partition()))
+            if epoch is None:
+                self._inbox.popleft()  # fetched just before a revoke; the new owner reads it
                 continue
-            if self._engine_idle_since is not None:
-                self.metrics.engine_idle_for(time.monotonic() - self._engine_idle_since)
-                self._engine_idle_since = None
-            self._job = self._generator.submit(batch)
-
-    def _collect_generation(self) -> None:
-        job = self._job
-        if job is None or not job.done.is_set():
-            return
-        if self._publishing and not self.transactional:
-            # One batch at a time between "published" and "committed": a crash then duplicates at most one batch.
-            # Acks take milliseconds, generation seconds, so the engine barely notices.
-            return
-        self._job = None
-        self._engine_idle_since = time.monotonic()
-        if job.failure is not None:
-            raise job.failure
-        assert job.results is not None and job.finished is not None
-        self.metrics.generated(job.batch, job.results, job.finished - job.started)
-        self._publish(job.batch, job.results)
-
-    def _publish(self, batch: Batch, results: Sequence[Generation | EventGenerationError]) -> None:
-        # Drop what was revoked while the engine ran: the new owner will produce it; publishing it here too
-        # would be a duplicate from this worker.
-        outcomes = iter(results)
-        kept_items: list[BatchItem] = []
-        kept_results: list[Generation | EventGenerationError] = []
-        for item in batch.items:
-            outcome = next(outcomes) if item.prompt is not None else None
-            if self._owned(item.source):
-                kept_items.append(item)
-                if outcome is not None:
-                    kept_results.append(outcome)
-        if not kept_items:
-            return
-        kept = Batch(opened_at=batch.opened_at)
-        for item in kept_items:
-            kept.add(item)
-        records = self.sink.records_for(kept, kept_results)
-        for item, record in zip(kept.items, records):
-            if record.is_dead_letter:
-                headers = dict(record.headers)
-                log.warning(
-                    "dead-lettered %s[%d]@%d: %s",
-                    item.source.topic,
-                    item.source.partition,
-                    item.source.offset,
-                    headers["dlq.error_class"].decode(),
-                    extra={
-                        "topic": item.source.topic,
-                        "partition": item.source.partition,
-                        "offset": item.source.offset,
-                        "event_id": item.event_id,
-                        "error_class": headers["dlq.error_class"].decode(),
-                        "error_message": headers["dlq.error_message"].decode()[:500],
-                    },
-                )
-        if self.transactional:
-            self._publish_transaction(kept, records)
-            return
-        self._publishing.append(self.sink.publish(kept, records))
-
-    # ------------------------------------------------------------------------------------------- commits
-    def _commit_acknowledged(self) -> None:
-        while self._publishing:
-            head = self._publishing[0]
-            if head.error is not None:
-                raise OutputUnavailableError(head.error)
-            if not head.acknowledged:
-                return
-            self._publishing.popleft()
-            self.metrics.published(head)
-            self._commit(head.batch)
-
-    def _commit(self, batch: Batch) -> None:
-        offsets = [
-            TopicPartition(topic, partition, offset)
-            for (topic, partition), offset in batch.next_offsets().items()
-            if (topic, partition) in self._epochs
-        ]
-        stale = {(i.source.topic, i.source.partition) for i in batch.items if not self._owned(i.source)}
-        offsets = [tp for tp in offsets if (tp.topic, tp.partition) not in stale]
-        if not offsets:
-            return
-        for attempt in range(3):
+            source = source_of(message, epoch)
             try:
-                self.consumer.commit(offsets=offsets, asynchronous=False)
-                break
-            except KafkaException as exc:
-                error = exc.args[0]
-                if attempt == 2 or not error.retriable():
-                    # The batch is published; its records will be read again by whoever owns the partition.
-                    log.warning("commit failed (%s): its records may be processed again", error.str())
-                    return
-                time.sleep(0.2 * (attempt + 1))
-        self._broker_ok()
-        self._record_commit(batch, offsets)
-        log.debug("committed %s", _names(offsets), extra={"offsets": {f"{tp.topic}[{tp.partition}]": tp.offset for tp in offsets}})
+                item = self.intake.prepare(source)
+            except RegistryUnavailableError as exc:
+                if not self._registry.failed():
+                    raise
+                log.error("schema registry unavailable, holding %d record(s), retry in %.1f s: %s",
+                          len(self._inbox), self._registry.next_at - time.monotonic(), exc)
+                self._set_paused(True)
+                return
+            self._registry.succeeded()
+            self._inbox.popleft()
+            self.health.ok()
+            self.metrics.consumed((source.topic, source.partition))
+            self.totals["consumed"] += 1
+            self.checkpoint.tracker.track(source)
+            self.scheduler.add(item)
 
-    def _record_commit(self, batch: Batch, offsets: list[TopicPartition]) -> None:
-        self.records_committed += len(batch)
-        for tp in offsets:
-            self.committed[(tp.topic, tp.partition)] = tp.offset
-            self.metrics.committed((tp.topic, tp.partition), tp.offset)
+    # ------------------------------------------------------------------------------------- finish → publish
+    def _finish(self, done: list[Done]) -> None:
+        now = datetime.now(timezone.utc)
+        for item, outcome in done:
+            if not self.ownership.owns(item.source):
+                continue  # revoked while it generated: the new owner produces it
+            record = self.records.for_item(item, outcome, now)
+            if self.checkpoint.tracker.finish(item.source, record) and record.is_dead_letter:
+                self._log_dead_letter(record)
+        for stats in self.scheduler.last_batches:
+            self.metrics.batch_done(stats)
+            self.totals["prompt_tokens"] += stats.prompt_tokens
+            self.totals["completion_tokens"] += stats.completion_tokens
+            if not self.continuous:
+                log.info("batch: %d event(s), %d failed, %d prompt + %d completion tokens in %.2f s",
+                         stats.events, stats.failed, stats.prompt_tokens, stats.completion_tokens, stats.seconds,
+                         extra={"events": stats.events, "failed": stats.failed, "seconds": round(stats.seconds, 3)})
+        self.scheduler.last_batches.clear()
 
-    def _publish_transaction(self, batch: Batch, records: list[OutgoingRecord]) -> None:
-        """Exactly-once: outputs and the consumed offsets commit atomically in one transaction."""
-        offsets = [TopicPartition(t, p, o) for (t, p), o in batch.next_offsets().items() if (t, p) in self._epochs]
-        self.producer.begin_transaction()
+    def _publish(self) -> None:
+        if self.sink.accepting:
+            self.sink.add(self.checkpoint.release())
+        self.sink.poll(0)
+        self.sink.raise_for_error()
+
+    def _commit(self, force: bool = False) -> None:
+        if self._commits.failing and not self._commits.due() and not force:
+            return
         try:
-            publication = self.sink.publish(batch, records)
-            if not self.sink.flush(self.settings.delivery_timeout_ms / 1000 * self.settings.produce_max_attempts):
-                raise OutputUnavailableError("transactional batch not acknowledged in time")
-            if publication.error:
-                raise OutputUnavailableError(publication.error)
-            self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
-            self.producer.commit_transaction(60)
-        except Exception:
-            self.producer.abort_transaction(30)
-            raise
-        self.metrics.published(publication)
-        self._record_commit(batch, offsets)
+            self.checkpoint.commit(force)
+        except CommitFailedError as exc:
+            if getattr(self.checkpoint, "needs_rewind", False):
+                self._rewind()
+            if not self._commits.failed():
+                raise
+            log.warning("%s; holding the pipeline, retry %d in %.1f s", exc, self._commits.attempts, self._commits.next_at - time.monotonic())
+            return
+        self._commits.succeeded()
 
-    # ------------------------------------------------------------------------------------------ rebalance
-    def _owned(self, source: SourceRecord) -> bool:
-        return self._epochs.get((source.topic, source.partition)) == source.epoch
+    def _on_acknowledged(self, record: OutgoingRecord) -> None:
+        self.health.ok()
+        self.checkpoint.tracker.acked(record.source)
+        self.metrics.acknowledged(record)
+        self.totals["dead_letters" if record.is_dead_letter else "summaries"] += 1
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for partition in partitions:
-            self._epoch_counter += 1
-            self._epochs[(partition.topic, partition.partition)] = self._epoch_counter
+    def _on_committed(self, offsets: dict[TP, int], count: int) -> None:
+        self.health.ok()
+        for tp, offset in offsets.items():
+            self.metrics.committed(tp, offset)
+        log.debug("committed %d record(s): %s", count, offsets)
+
+    def _log_dead_letter(self, record: OutgoingRecord) -> None:
+        fields = parse_dead_letter(record.key, record.value, record.headers)
+        log.warning("dead-lettered %s[%d]@%d: %s", record.source.topic, record.source.partition, record.source.offset, fields["error_class"],
+                    extra={"topic": record.source.topic, "partition": record.source.partition, "offset": record.source.offset,
+                           "event_id": fields.get("event_id"), "error_class": fields["error_class"],
+                           "error_message": fields.get("error_message", "")[:500]})
+
+    # ---------------------------------------------------------------------------------------------- rebalance
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.ownership.assign((p.topic, p.partition) for p in partitions)
         if self._cooperative:
             consumer.incremental_assign(partitions)
         else:
@@ -481,67 +348,52 @@ class Worker:
             # Set the pause state explicitly both ways: librdkafka keeps a partition's pause flag across
             # unassign/assign, so a partition paused before a lost assignment comes back paused and never fetches.
             (consumer.pause if self._paused else consumer.resume)(partitions)
-        log.info("assigned %s", _names(partitions))
-        self.metrics.ready(engine_loaded=True, assigned=bool(self._epochs))
+        log.info("assigned %s", _names(partitions), extra={"partitions": [p.partition for p in partitions]})
+        self.metrics.ready(engine_loaded=True, assigned=bool(self.ownership.partitions))
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         # While still the owner: get acknowledgements in and commit them, so the next owner starts after them.
         if not self.transactional:
             self.sink.flush(10.0)
-            try:
-                self._commit_acknowledged()
-            except OutputUnavailableError:
-                log.error("output failed during revoke; nothing of that batch is committed")
+        self.checkpoint.before_revoke([(p.topic, p.partition) for p in partitions])
         self._forget(partitions)
         log.info("revoked %s", _names(partitions))
 
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         # Lost means another member may already own them: committing now would be wrong.
         self._forget(partitions)
-        log.warning("lost %s (membership expired); their in-flight work is dropped", _names(partitions))
+        log.warning("lost %s (membership expired); their work in flight is dropped", _names(partitions))
 
     def _forget(self, partitions: list[TopicPartition]) -> None:
-        for partition in partitions:
-            tp = (partition.topic, partition.partition)
-            self._epochs.pop(tp, None)
+        tps = [(p.topic, p.partition) for p in partitions]
+        self.ownership.revoke(tps)
+        self.checkpoint.tracker.drop(tps)
+        dropped = self.scheduler.drop(self.ownership.owns)
+        self._inbox = deque(m for m in self._inbox if (m.topic(), m.partition()) not in tps)
+        for tp in tps:
             self.metrics.forget(tp)
-        self.batcher.drop(self._owned)
-        self._ready = deque(b for b in (batch.without(self._owned) for batch in self._ready) if b.items)
-        self.metrics.ready(engine_loaded=True, assigned=bool(self._epochs))
+        if dropped:
+            log.info("dropped %d record(s) of revoked partitions; their new owner processes them", dropped)
+        self.metrics.ready(engine_loaded=True, assigned=bool(self.ownership.partitions))
 
-    # ------------------------------------------------------------------------------------- health / stop
-    def _on_client_error(self, error: KafkaError) -> None:
-        if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
-            self._brokers_down = True
-        log.warning("kafka client: %s", error.str())
+    def _rewind(self) -> None:
+        """After an aborted transaction: forget everything in flight and re-read from the committed offsets."""
+        owned = [TopicPartition(t, p) for t, p in self.ownership.partitions]
+        self._forget(owned)
+        self.ownership.assign((tp.topic, tp.partition) for tp in owned)
+        self.checkpoint.needs_rewind = False  # type: ignore[union-attr]
+        for tp in self.consumer.committed(owned, timeout=10):
+            if tp.offset >= 0:
+                self.consumer.seek(tp)
+        log.warning("rewound %s to the committed offsets after an aborted transaction", _names(owned))
 
-    def _on_delivered(self, _record: OutgoingRecord) -> None:
-        self._broker_ok()
-
-    def _broker_ok(self) -> None:
-        self._last_broker_ok = time.monotonic()
-        self._brokers_down = False
-
-    def _check_health(self) -> None:
-        silent = time.monotonic() - self._last_broker_ok
-        if silent < PROBE_AFTER_S:
-            return
-        try:
-            self.consumer.list_topics(self.settings.kafka_input_topic, timeout=2.0)
-            self._broker_ok()
-        except KafkaException:
-            if silent > self.settings.broker_unavailable_timeout_s:
-                raise BrokerUnavailableError(
-                    f"no broker at {self.settings.kafka_bootstrap_servers} answered for {silent:.0f} s "
-                    f"(BROKER_UNAVAILABLE_TIMEOUT_S={self.settings.broker_unavailable_timeout_s:g})"
-                ) from None
-
+    # ------------------------------------------------------------------------------------------- observation
     def _observe_lag(self) -> None:
         now = time.monotonic()
         if now - self._lag_observed_at < LAG_EVERY_S:
             return
         self._lag_observed_at = now
-        for topic, partition in list(self._epochs):
+        for topic, partition in self.ownership.partitions:
             try:
                 # cached=True: the watermark the last fetch brought back; no extra request to the broker.
                 _low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
@@ -551,29 +403,48 @@ class Worker:
             if high >= 0 and committed is not None:
                 self.metrics.lag_observed((topic, partition), high, committed)
 
+    def _report(self) -> None:
+        now = time.monotonic()
+        if not self.ownership.partitions and now - self._unassigned_warned_at >= REPORT_EVERY_S:
+            self._unassigned_warned_at = now
+            log.warning("no partitions assigned yet: waiting for group %s (a group join takes up to session.timeout.ms; "
+                        "more workers than partitions leave some idle)", self.settings.kafka_group_id)
+        if self.continuous and now - self._reported_at >= REPORT_EVERY_S:
+            self._reported_at = now
+            log.info("progress: %(consumed)d consumed, %(summaries)d summaries, %(dead_letters)d dead letters, "
+                     "%(completion_tokens)d completion tokens", self.totals, extra={"in_flight": self.scheduler.in_flight()})
+
+    # ------------------------------------------------------------------------------------------------ stop
     def _shutdown(self) -> None:
         self._set_paused(True)
-        dropped = self.batcher.pending + sum(len(b) for b in self._ready)
-        self.batcher.drop(lambda _source: False)
-        self._ready.clear()
-        if self._job is not None:
-            log.info("stopping: waiting up to %.0f s for the in-flight batch", self.settings.shutdown_timeout_s)
-            if self._job.done.wait(self.settings.shutdown_timeout_s):
-                self._collect_generation()
-            else:
-                log.warning("stopping: abandoned the in-flight batch; it is not committed and will be processed again")
-                self._job = None
-        self.sink.flush(self.settings.shutdown_timeout_s)
-        self._commit_acknowledged()
-        log.info("stopped: %d unprocessed record(s) left uncommitted for the next run", dropped)
+        not_started = self.scheduler.pending() + len(self._inbox)
+        self._inbox.clear()
+        self._finish(self.scheduler.finish(self.settings.shutdown_timeout_s))
+        self._publish()
+        if not self.transactional:
+            self.sink.flush(self.settings.shutdown_timeout_s)
+            self.sink.raise_for_error()
+        self._commit(force=True)
+        log.info("stopped: %(consumed)d consumed, %(summaries)d summaries, %(dead_letters)d dead letters published; "
+                 "%(prompt_tokens)d prompt + %(completion_tokens)d completion tokens", self.totals,
+                 extra={**self.totals, "committed": self.records_committed, "left_for_next_run": not_started})
 
     def _close(self) -> None:
+        self.scheduler.close()
         try:
-            self.consumer.close()
+            self.consumer.close()  # leaves the group at once, whatever state the join is in
         except (KafkaException, RuntimeError) as exc:
             log.warning("consumer close: %s", exc)
         self.producer.flush(5)
 
 
-def _names(partitions: list[TopicPartition]) -> str:
-    return ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "nothing"
+def _citations() -> Callable[[Any, str], list[dict[str, Any]]] | None:
+    """The summary schema's `citations` field, where this build has it (schema v2)."""
+    try:
+        from processor.citations import cited_results
+        from processor.codec import SchemaStore
+
+        fields = {f["name"] for f in SchemaStore().latest(SUMMARY_SCHEMA).parsed["fields"]}
+    except ImportError:
+        return None
+    return cited_results if "citations" in fields else None

@@ -8,14 +8,13 @@ from __future__ import annotations
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from processor.batcher import Batch
-    from processor.engines.base import EventGenerationError, Generation
-    from processor.sink import Publication
+    from processor.generation import BatchStats
+    from processor.records import OutgoingRecord
 
 HEALTHY_WITHIN_S = 60.0
 
@@ -62,28 +61,27 @@ class Metrics:
             child = self._consumed_children[tp[1]] = self.events_in.labels(str(tp[1]))
         child.inc()
 
-    def generated(self, batch: "Batch", results: Sequence["Generation | EventGenerationError"], seconds: float) -> None:
-        from processor.engines.base import Generation
-
-        self.batch_size.observe(len(batch.prompts))
-        self.batch_latency.observe(seconds)
-        self.engine_busy.inc(seconds)
-        done = [r for r in results if isinstance(r, Generation)]
-        completion = sum(r.completion_tokens for r in done)
-        self.prompt_tokens.inc(sum(r.prompt_tokens for r in done))
-        self.completion_tokens.inc(completion)
-        if seconds > 0:
-            self.tokens_per_second.set(completion / seconds)
+    def batch_done(self, stats: "BatchStats") -> None:
+        """One engine call (micro-batch) or one finished request (continuous)."""
+        self.batch_size.observe(stats.events)
+        self.batch_latency.observe(stats.seconds)
+        self.engine_busy.inc(stats.seconds)
+        self.prompt_tokens.inc(stats.prompt_tokens)
+        self.completion_tokens.inc(stats.completion_tokens)
+        if stats.seconds > 0:
+            self.tokens_per_second.set(stats.completion_tokens / stats.seconds)
 
     def engine_idle_for(self, seconds: float) -> None:
         self.engine_idle.inc(seconds)
 
-    def published(self, publication: "Publication") -> None:
-        for record, header_value in ((r, dict(r.headers).get("dlq.error_class")) for r in publication.records):
-            if record.is_dead_letter:
-                self.dead_letters.labels((header_value or b"unknown").decode()).inc()
-            else:
-                self.summaries_out.inc()
+    def acknowledged(self, record: "OutgoingRecord") -> None:
+        from processor.records import parse_dead_letter
+
+        if record.is_dead_letter:
+            # The label comes from the worker's own header (the error class), never from input data: bounded.
+            self.dead_letters.labels(parse_dead_letter(record.key, None, record.headers).get("error_class", "unknown")).inc()
+        else:
+            self.summaries_out.inc()
 
     def committed(self, tp: tuple[str, int], offset: int) -> None:
         self.committed_offset.labels(tp[0], str(tp[1])).set(offset)

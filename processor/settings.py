@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     broker_unavailable_timeout_s: float = Field(
         300.0, gt=0, description="all brokers down for longer than this: exit non-zero instead of spinning"
     )
+    infrastructure_retry_timeout_s: float = Field(
+        300.0, gt=0, description="how long a broken engine, registry or commit is retried (with backoff) before the worker exits"
+    )
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="on SIGTERM, how long the in-flight batch may still run before it is abandoned"
     )

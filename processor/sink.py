@@ -1,180 +1,108 @@
-"""Sink: turns a generated batch into output records — one summary per event, one dead-letter record per failure —
-produces them, and tracks the broker's acknowledgements so the loop commits a batch only once all of it is acked.
+"""Sink: delivery only. `add()` produces records, `poll()`/`flush()` serve the broker's acknowledgements, and the
+first delivery failure that cannot be retried is latched and raised by `raise_for_error()` (quix-streams' sink and
+producer do the same), so the worker stops rather than commit past an output that never arrived.
 
-The producer is idempotent (acks=all); a record whose delivery fails is re-sent up to PRODUCE_MAX_ATTEMPTS times,
-after which the batch is marked failed and the worker stops rather than skip data.
+The producer is idempotent (acks=all): librdkafka retries inside `message.timeout.ms` and keeps order. A record
+whose delivery still fails is re-sent up to PRODUCE_MAX_ATTEMPTS times; the sink then takes nothing new and waits
+for every record in flight before it re-sends the failed ones in their original order, so per-key order holds.
+A dead letter the broker refuses as too large is re-sent once without its value (flagged), never crash-looping.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message
 
-from processor import __version__
-from processor.batcher import Batch, BatchItem
-from processor.engines.base import Generation
 from processor.errors import OutputUnavailableError
+from processor.records import OutgoingRecord
 
 log = logging.getLogger(__name__)
 
-DLQ_HEADER_PREFIX = "dlq."
-
-
-@dataclass(frozen=True)
-class OutgoingRecord:
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]]
-    is_dead_letter: bool = False
-
-
-@dataclass
-class Publication:
-    """The output of one batch on its way to the broker."""
-
-    batch: Batch
-    records: list[OutgoingRecord]
-    pending: int = 0
-    attempts: dict[int, int] = field(default_factory=dict)
-    retry: list[int] = field(default_factory=list)
-    error: str | None = None
-
-    @property
-    def acknowledged(self) -> bool:
-        return self.pending == 0 and not self.retry and self.error is None
-
-
-def dead_letter_headers(item: BatchItem, error: BaseException, now: datetime) -> list[tuple[str, bytes]]:
-    source = item.source
-    fields: dict[str, Any] = {
-        "error_class": type(error).__name__,
-        "error_message": str(error)[:4000] or type(error).__name__,
-        "source_topic": source.topic,
-        "source_partition": source.partition,
-        "source_offset": source.offset,
-        "source_timestamp_ms": source.timestamp_ms,
-        "event_id": item.event_id,
-        "processor_version": __version__,
-        "failed_at": now.isoformat(timespec="milliseconds"),
-    }
-    headers = [(DLQ_HEADER_PREFIX + name, str(value).encode()) for name, value in fields.items() if value is not None]
-    return headers + list(source.headers)  # keep the producer's own headers (trace ids) after ours
+_TOO_LARGE = {KafkaError.MSG_SIZE_TOO_LARGE, getattr(KafkaError, "_MSG_SIZE_TOO_LARGE", KafkaError.MSG_SIZE_TOO_LARGE)}
 
 
 class Sink:
     def __init__(
         self,
-        producer: Producer,
-        encode_summary: Callable[[dict[str, Any]], bytes],
-        output_topic: str,
-        dlq_topic: str,
-        engine_kind: str,
-        model: str,
-        prompt_version: str,
+        *,
+        producer: Any,
         max_attempts: int,
-        on_delivered: Callable[[OutgoingRecord], None] | None = None,
+        on_acknowledged: Callable[[OutgoingRecord], None] | None = None,
     ) -> None:
         self.producer = producer
-        self.encode_summary = encode_summary
-        self.output_topic = output_topic
-        self.dlq_topic = dlq_topic
-        self.engine_kind = engine_kind
-        self.model = model
-        self.prompt_version = prompt_version
         self.max_attempts = max_attempts
-        self.on_delivered = on_delivered
-        self._in_flight: list[Publication] = []
+        self.on_acknowledged = on_acknowledged
+        self.in_flight = 0
+        self.acknowledged = 0
+        self._sequence = 0
+        self._attempts: dict[int, int] = {}
+        self._failed: dict[int, OutgoingRecord] = {}  # sequence → record to re-send once nothing is in flight
+        self._error: str | None = None
 
-    def records_for(self, batch: Batch, results: Sequence[Generation | Exception]) -> list[OutgoingRecord]:
-        """Summaries and dead letters for a batch; `results` lines up with batch.prompts."""
-        now = datetime.now(timezone.utc)
-        outcomes = iter(results)
-        records: list[OutgoingRecord] = []
-        for item in batch.items:
-            outcome: Generation | BaseException = item.error if item.error is not None else next(outcomes)
-            if isinstance(outcome, Generation):
-                records.append(self._summary(item, outcome, now))
-            else:
-                records.append(
-                    OutgoingRecord(self.dlq_topic, item.source.key, item.source.value, dead_letter_headers(item, outcome, now), True)
-                )
-        return records
+    @property
+    def accepting(self) -> bool:
+        """False while failed records wait for a re-send: taking new ones then would break per-key order."""
+        return not self._failed and self._error is None
 
-    def publish(self, batch: Batch, records: list[OutgoingRecord]) -> Publication:
-        publication = Publication(batch, records)
-        for index in range(len(records)):
-            self._produce(publication, index)
-        self._in_flight.append(publication)
-        return publication
+    @property
+    def idle(self) -> bool:
+        return self.in_flight == 0 and not self._failed
 
-    def service(self, timeout: float = 0.0) -> None:
-        """Serve delivery reports and re-send what failed."""
+    def add(self, records: Iterable[OutgoingRecord]) -> None:
+        for record in records:
+            self._sequence += 1
+            self._produce(self._sequence, record)
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Serve delivery reports; once nothing is in flight, re-send what failed, in order."""
         self.producer.poll(timeout)
-        for publication in self._in_flight:
-            while publication.retry and publication.error is None:
-                self._produce(publication, publication.retry.pop())
-        self._in_flight = [p for p in self._in_flight if p.pending or p.retry]
+        if self._failed and self.in_flight == 0 and self._error is None:
+            failed, self._failed = self._failed, {}
+            for sequence in sorted(failed):
+                self._produce(sequence, failed[sequence])
 
-    def flush(self, timeout: float) -> bool:
-        """Wait for outstanding deliveries (re-sending failures) until `timeout`; True when nothing is left."""
+    def flush(self, timeout: float, keep_alive: Callable[[], None] | None = None) -> bool:
+        """Wait until every record is acknowledged (re-sending failures) or `timeout`; True when nothing is left.
+        `keep_alive` runs between waits (the consumer's poll, so a long flush never costs group membership)."""
         deadline = time.monotonic() + timeout
-        while self._in_flight and time.monotonic() < deadline:
-            self.service(min(0.1, max(0.0, deadline - time.monotonic())))
-        return not self._in_flight
+        while not self.idle and self._error is None and time.monotonic() < deadline:
+            self.poll(min(0.1, max(0.0, deadline - time.monotonic())))
+            if keep_alive is not None:
+                keep_alive()
+        return self.idle and self._error is None
 
-    def _summary(self, item: BatchItem, generation: Generation, now: datetime) -> OutgoingRecord:
-        assert item.prompt is not None
-        event = item.prompt.event
-        source = item.source
-        value = self.encode_summary(
-            {
-                "event_id": event.event_id,
-                "query": event.query,
-                "summary": generation.text.strip(),
-                "language": item.prompt.language,
-                "engine": self.engine_kind,
-                "model": self.model,
-                "prompt_version": self.prompt_version,
-                "finish_reason": generation.finish_reason,
-                "prompt_tokens": generation.prompt_tokens,
-                "completion_tokens": generation.completion_tokens,
-                "results_used": item.prompt.results_used,
-                "results_truncated": item.prompt.results_truncated,
-                "source_topic": source.topic,
-                "source_partition": source.partition,
-                "source_offset": source.offset,
-                "collected_at": event.collected_at,
-                "processed_at": now,
-                "processor_version": __version__,
-            }
-        )
-        # Same key as the input, so per-key order and partitioning hold downstream.
-        key = source.key if source.key is not None else event.event_id.encode()
-        return OutgoingRecord(self.output_topic, key, value, [("event_id", event.event_id.encode())])
+    def raise_for_error(self) -> None:
+        if self._error is not None:
+            raise OutputUnavailableError(self._error)
 
-    def _produce(self, publication: Publication, index: int) -> None:
-        record = publication.records[index]
-        publication.attempts[index] = publication.attempts.get(index, 0) + 1
-        publication.pending += 1
+    def _produce(self, sequence: int, record: OutgoingRecord) -> None:
+        self._attempts[sequence] = self._attempts.get(sequence, 0) + 1
+        self.in_flight += 1
 
         def delivered(err: KafkaError | None, _msg: Message) -> None:
-            publication.pending -= 1
+            self.in_flight -= 1
             if err is None:
-                if self.on_delivered:
-                    self.on_delivered(record)
+                self._attempts.pop(sequence, None)
+                self.acknowledged += 1
+                if self.on_acknowledged:
+                    self.on_acknowledged(record)
                 return
-            if publication.attempts[index] >= self.max_attempts or not err.retriable() and err.fatal():
-                publication.error = f"{record.topic}: {err.str()} after {publication.attempts[index]} attempt(s)"
-                log.error("delivery failed for good: %s", publication.error)
-            else:
-                log.warning("delivery to %s failed (%s); re-sending, attempt %d", record.topic, err.str(), publication.attempts[index] + 1)
-                publication.retry.append(index)
+            if record.is_dead_letter and record.value is not None and err.code() in _TOO_LARGE:
+                log.warning("dead letter for %s[%d]@%d too large for %s (%s): re-sent without its value",
+                            record.source.topic, record.source.partition, record.source.offset, record.topic, err.str())
+                self._failed[sequence] = record.without_value()
+                return
+            attempts = self._attempts[sequence]
+            if attempts >= self.max_attempts or err.fatal() or err.code() in _TOO_LARGE:
+                if self._error is None:  # latch the first
+                    self._error = f"{record.topic}: {err.str()} after {attempts} attempt(s)"
+                    log.error("delivery failed for good: %s", self._error)
+                return
+            log.warning("delivery to %s failed (%s); re-sending, attempt %d", record.topic, err.str(), attempts + 1)
+            self._failed[sequence] = record
 
         while True:
             try:
@@ -183,4 +111,14 @@ class Sink:
             except BufferError:
                 # Local queue full: serve delivery reports to make room rather than drop the record.
                 self.producer.poll(0.05)
-
+            except KafkaException as exc:  # refused locally, before any delivery report (too large, say)
+                self.in_flight -= 1
+                error = exc.args[0]
+                if record.is_dead_letter and record.value is not None and error.code() in _TOO_LARGE:
+                    log.warning("dead letter for %s[%d]@%d over the producer's size limit: sent without its value",
+                                record.source.topic, record.source.partition, record.source.offset)
+                    self._produce(sequence, record.without_value())
+                elif self._error is None:
+                    self._error = f"{record.topic}: {error.str()}"
+                    log.error("produce refused: %s", self._error)
+                return

@@ -13,7 +13,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 
 from processor.codec import EVENT_SCHEMA, SUMMARY_SCHEMA, AvroCodec, RegistryCodec
 from processor.events import SearchEvent, validate_event
-from processor.sink import DLQ_HEADER_PREFIX
+from processor.records import parse_dead_letter
 
 _LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 
@@ -69,17 +69,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def decode_dead_letter(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]] | None) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        name[len(DLQ_HEADER_PREFIX):]: raw.decode(errors="replace")
-        for name, raw in (headers or [])
-        if name.startswith(DLQ_HEADER_PREFIX) and raw is not None
-    }
-    for numeric in ("source_partition", "source_offset", "source_timestamp_ms"):
-        if numeric in fields:
-            fields[numeric] = int(fields[numeric])
-    fields["original_key"] = key
-    fields["original_value"] = value
-    return fields
+    return parse_dead_letter(key, value, headers)
 
 
 def read_topic(

@@ -1,35 +1,78 @@
-"""A failing event does not sink its batch: when generate() raises for a batch, bisect to find the culprit(s).
+"""A failing event does not sink its batch, and a failing engine is not blamed on the events.
 
-Each half is retried on its own; a single prompt that still raises is that event's failure (→ DLQ) and every
-other event of the batch is published. An empty summary is a failure too, never a summary. A batch with k bad
-events out of n costs about 2·k·log2(n) extra engine calls, paid only when something fails.
+When generate() raises for a batch, a known-good probe (the warm-up prompt) is asked first: if the probe fails
+too, the engine (the GPU) is broken — EngineUnavailableError, infrastructure, nothing dead-lettered. Otherwise
+the batch is bisected: each half is retried on its own; a single prompt that still raises is that event's failure
+(→ DLQ) and every other event of the batch is published. When every event of a batch ends up failed, the probe
+decides again, so a GPU that dies mid-bisection is never mistaken for a batch of poison. A lone poison event in a
+batch of one is dead-lettered (the probe succeeds), so it never stalls its partition. An empty summary is a
+failure too, never a summary. k bad events out of n cost about 2·k·log2(n) extra engine calls, paid only when
+something fails.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 from processor.engines.base import EmptySummaryError, Engine, EventGenerationError, Generation, Prompt
+from processor.errors import EngineUnavailableError
 
 log = logging.getLogger(__name__)
 
+Probe = Callable[[], None]  # raises when the engine cannot generate a known-good prompt
+
 
 class EngineCallError(EventGenerationError):
-    """generate() raised for a batch holding only this event; the message is the engine's exception."""
+    """generate() raised for a batch holding only this event, while the engine still works for a known-good prompt."""
 
 
-def generate_isolated(engine: Engine, prompts: Sequence[Prompt]) -> list[Generation | EventGenerationError]:
+def probe_with(engine: Engine, prompt: Prompt) -> Probe:
+    """A probe: generate the known-good prompt; raise EngineUnavailableError unless a summary comes back."""
+
+    def probe() -> None:
+        try:
+            outputs = engine.generate([prompt])
+        except Exception as exc:  # noqa: BLE001 - any failure here is the engine's
+            raise EngineUnavailableError(f"the engine fails even on the known-good warm-up prompt: {type(exc).__name__}: {exc}") from exc
+        if len(outputs) != 1 or not isinstance(outputs[0], Generation) or not outputs[0].text.strip():
+            raise EngineUnavailableError(f"the engine produced no summary for the known-good warm-up prompt: {outputs!r:.300}")
+
+    return probe
+
+
+def generate_isolated(engine: Engine, prompts: Sequence[Prompt], probe: Probe | None = None) -> list[Generation | EventGenerationError]:
+    """One outcome per prompt; raises EngineUnavailableError when the probe says the engine itself is broken."""
     if not prompts:
         return []
     try:
         outputs = engine.generate(prompts)
     except Exception as exc:  # noqa: BLE001 - any engine exception is what bisection must contain
-        if len(prompts) == 1:
-            return [EngineCallError(f"{type(exc).__name__}: {exc}")]
+        if probe is not None:
+            probe()  # the engine, not the batch? then stop here: bisecting a dead GPU would dead-letter everything
         log.warning("generate() raised for a batch of %d; bisecting to isolate the failing event(s): %s", len(prompts), exc)
-        middle = len(prompts) // 2
-        return generate_isolated(engine, prompts[:middle]) + generate_isolated(engine, prompts[middle:])
+        outcomes = _bisect(engine, prompts, exc)
+    else:
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"engine {engine.kind} returned {len(outputs)} outputs for {len(prompts)} prompts")
+        outcomes = [_reject_empty(output) for output in outputs]
+    if probe is not None and all(isinstance(o, EventGenerationError) for o in outcomes):
+        probe()
+    return outcomes
+
+
+def _bisect(engine: Engine, prompts: Sequence[Prompt], first_failure: BaseException) -> list[Generation | EventGenerationError]:
+    if len(prompts) == 1:
+        return [EngineCallError(f"{type(first_failure).__name__}: {first_failure}")]
+    middle = len(prompts) // 2
+    return _try(engine, prompts[:middle]) + _try(engine, prompts[middle:])
+
+
+def _try(engine: Engine, prompts: Sequence[Prompt]) -> list[Generation | EventGenerationError]:
+    try:
+        outputs = engine.generate(prompts)
+    except Exception as exc:  # noqa: BLE001
+        return _bisect(engine, prompts, exc)
     if len(outputs) != len(prompts):
         raise RuntimeError(f"engine {engine.kind} returned {len(outputs)} outputs for {len(prompts)} prompts")
     return [_reject_empty(output) for output in outputs]

@@ -12,7 +12,8 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from processor.engines.extractive import ExtractiveEngine
-from processor.loop import EXIT_OUTPUT_FAILED, Worker
+from processor.errors import EXIT_OUTPUT_FAILED
+from processor.loop import Worker
 from tests.fault.test_crash_and_stop import worker_env
 from tests.helpers import FAST_GROUP, committed_offsets, create_topics, end_offsets, make_event, produce, read_all, run_until, settings_for
 

@@ -1,0 +1,363 @@
+"""Generation: the engine's side of the loop, in either GENERATION_MODE, behind one small interface.
+
+* micro_batch — items are grouped by the MicroBatcher; one long-lived thread runs one generate() per batch. Long-
+  lived because CUDA libraries keep per-thread state (cuBLAS handles, workspaces) that a fresh thread per batch
+  would pay for again on every batch (measured on an H100 at 3-4× the batch's own generation time).
+* continuous — items go one by one into a ContinuousFeed that keeps vLLM's engine supplied up to its KV budget
+  and reports each request as it finishes, out of order.
+
+Both answer the worker's questions the same way: how many items do you want, take this item, what finished.
+A failure of the engine as a whole is never blamed on the records: the known-good warm-up prompt is the probe
+(isolation.py); while it fails, the work is held and retried with backoff, and EngineUnavailableError ends the
+worker once INFRASTRUCTURE_RETRY_TIMEOUT_S has passed.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from processor.batcher import Batch, BatchItem, MicroBatcher, SourceRecord
+from processor.engines.base import Engine, EventGenerationError, Generation, Prompt
+from processor.engines.isolation import Probe, generate_isolated, probe_with
+from processor.errors import EngineUnavailableError
+from processor.retry import Backoff
+
+log = logging.getLogger(__name__)
+
+Outcome = Generation | EventGenerationError
+Done = tuple[BatchItem, "Outcome | BaseException"]
+
+
+@dataclass
+class BatchStats:
+    events: int
+    seconds: float
+    prompt_tokens: int
+    completion_tokens: int
+    failed: int
+
+
+class Scheduler(Protocol):
+    busy_seconds: float
+    idle_seconds: float
+    last_batches: list[BatchStats]
+
+    def warm_up(self, prompt: Prompt) -> None: ...
+    def wanted(self) -> int: ...
+    def seconds_until_due(self) -> float | None: ...
+    def add(self, item: BatchItem) -> None: ...
+    def take(self) -> list[Done]:
+        """Finished items with their outcomes; raises EngineUnavailableError once the engine stayed broken too long."""
+        ...
+    def wait(self, timeout: float) -> None: ...
+    def drop(self, keep: Callable[[SourceRecord], bool]) -> int: ...
+    def pending(self) -> int: ...
+    def in_flight(self) -> int: ...
+    def finish(self, timeout: float) -> list[Done]:
+        """Stop taking items; wait up to `timeout` for what is generating; return what finished."""
+        ...
+    def close(self) -> None: ...
+
+
+def _stats(items: list[BatchItem], outcomes: list[Any], seconds: float) -> BatchStats:
+    done = [o for o in outcomes if isinstance(o, Generation)]
+    return BatchStats(sum(1 for i in items if i.prompt is not None), seconds, sum(o.prompt_tokens for o in done), sum(o.completion_tokens for o in done), len(outcomes) - len(done))
+
+
+# --------------------------------------------------------------------------------------------- micro-batch
+class _Job:
+    def __init__(self, batch: Batch, work: Callable[[], list[Any]]) -> None:
+        self.batch = batch
+        self.work = work
+        self.results: list[Any] | None = None
+        self.failure: BaseException | None = None
+        self.started = time.monotonic()
+        self.finished: float | None = None
+        self.done = threading.Event()
+
+
+class GenerationThread:
+    """One long-lived daemon thread runs every engine call (a daemon, so a stuck call can be abandoned at exit)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="generate", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: Batch, work: Callable[[], list[Any]]) -> _Job:
+        job = _Job(batch, work)
+        self._jobs.put(job)
+        return job
+
+    def call(self, fn: Callable[[], object], timeout: float | None = None) -> None:
+        """Run fn on the generation thread and wait for it; re-raise its exception."""
+        job = self.submit(Batch(), lambda: (fn(), [])[1])
+        if not job.done.wait(timeout):
+            raise EngineUnavailableError(f"the engine did not answer within {timeout:g} s")
+        if job.failure is not None:
+            raise job.failure
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            job.started = time.monotonic()
+            try:
+                job.results = job.work()
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which decides
+                job.failure = exc
+            finally:
+                job.finished = time.monotonic()
+                job.done.set()
+
+
+class MicroBatchScheduler:
+    """At most one closed batch waits while another generates: memory stays bounded, the engine never waits."""
+
+    def __init__(self, *, engine: Engine, batcher: MicroBatcher, probe_prompt: Prompt, retry_timeout_s: float) -> None:
+        self.engine = engine
+        self.batcher = batcher
+        self.thread = GenerationThread(engine)
+        self.probe: Probe = probe_with(engine, probe_prompt)
+        self.backoff = Backoff(give_up_after_s=retry_timeout_s)
+        self._ready: list[Batch] = []
+        self._job: _Job | None = None
+        self.busy_seconds = 0.0
+        self.idle_seconds = 0.0
+        self._idle_since: float | None = time.monotonic()
+        self.last_batches: list[BatchStats] = []
+
+    def warm_up(self, prompt: Prompt) -> None:
+        self.thread.call(lambda: _warm(self.engine, prompt))
+
+    def wanted(self) -> int:
+        return 0 if self._ready else max(1, self.batcher.room)
+
+    def add(self, item: BatchItem) -> None:
+        self._ready.extend(self.batcher.add(item))
+
+    def pending(self) -> int:
+        return self.batcher.pending + sum(len(b) for b in self._ready)
+
+    def in_flight(self) -> int:
+        return 0 if self._job is None else len(self._job.batch)
+
+    def seconds_until_due(self) -> float | None:
+        return self.batcher.seconds_until_due()
+
+    def take(self) -> list[Done]:
+        due = self.batcher.due()
+        if due is not None:
+            self._ready.append(due)
+        finished: list[Done] = []
+        job = self._job
+        if job is not None and job.done.is_set():
+            self._job = None
+            self._note_idle_start()
+            assert job.finished is not None
+            self.busy_seconds += job.finished - job.started
+            if isinstance(job.failure, EngineUnavailableError):
+                self._ready.insert(0, job.batch)  # hold the batch: retried after the backoff, never dead-lettered
+                if not self.backoff.failed():
+                    raise job.failure
+                log.error("engine unavailable (retry %d in %.1f s): %s", self.backoff.attempts, self.backoff.next_at - time.monotonic(), job.failure)
+            elif job.failure is not None:
+                raise job.failure
+            else:
+                assert job.results is not None
+                self.backoff.succeeded()
+                finished = list(zip(job.batch.items, job.results))
+                if job.batch.prompts:
+                    self.last_batches.append(_stats(job.batch.items, job.results, job.finished - job.started))
+        self._start()
+        return finished
+
+    def _start(self) -> None:
+        if self._job is not None or not self._ready or (self.backoff.failing and not self.backoff.due()):
+            return
+        batch = self._ready.pop(0)
+        if self._idle_since is not None and batch.prompts:
+            self.idle_seconds += time.monotonic() - self._idle_since
+            self._idle_since = None
+        self._job = self.thread.submit(batch, lambda: self._outcomes(batch))
+
+    def _outcomes(self, batch: Batch) -> list[Outcome | BaseException]:
+        """One outcome per item: records that failed before the engine ride along in their batch, so a batch's
+        dead letters are published and committed with it, in offset order."""
+        results = iter(generate_isolated(self.engine, batch.prompts, self.probe))
+        return [next(results) if item.prompt is not None else item.error for item in batch.items]  # type: ignore[misc]
+
+    def _note_idle_start(self) -> None:
+        self._idle_since = time.monotonic()
+
+    def wait(self, timeout: float) -> None:
+        if self._job is not None:
+            self._job.done.wait(timeout)
+        else:
+            time.sleep(timeout)
+
+    def drop(self, keep: Callable[[SourceRecord], bool]) -> int:
+        dropped = self.batcher.drop(keep)
+        kept = []
+        for batch in self._ready:
+            remaining = batch.without(keep)
+            dropped += len(batch) - len(remaining)
+            if remaining.items:
+                kept.append(remaining)
+        self._ready = kept
+        return dropped  # the batch generating now finishes; its revoked items are ignored by the checkpoint
+
+    def finish(self, timeout: float) -> list[Done]:
+        self.batcher.drop(lambda _source: False)
+        self._ready.clear()
+        if self._job is None:
+            return []
+        log.info("stopping: waiting up to %.0f s for the batch generating now", timeout)
+        if not self._job.done.wait(timeout):
+            log.warning("stopping: abandoned the batch generating now; it is not committed and will be processed again")
+            self._job = None
+            return []
+        try:
+            return self.take()
+        except EngineUnavailableError:
+            return []
+
+    def close(self) -> None:
+        return None
+
+
+def _warm(engine: Engine, prompt: Prompt) -> None:
+    outputs = engine.generate([prompt])
+    if outputs and not isinstance(outputs[0], Generation):
+        log.warning("warm-up generate() produced no summary: %s", outputs[0])
+
+
+# ---------------------------------------------------------------------------------------------- continuous
+@dataclass
+class _Request:
+    item: BatchItem
+    submitted: float = field(default_factory=time.monotonic)
+
+
+def request_id_of(source: SourceRecord) -> str:
+    return f"{source.topic}/{source.partition}/{source.offset}/{source.epoch}"
+
+
+class ContinuousScheduler:
+    """Items go one by one into the ContinuousFeed; each comes back as it finishes, in any order."""
+
+    def __init__(self, *, feed: "object", engine: Engine, probe_prompt: Prompt, retry_timeout_s: float) -> None:
+        from processor.continuous import ContinuousFeed
+
+        assert isinstance(feed, ContinuousFeed)
+        self.feed = feed
+        self.engine = engine
+        self.probe_prompt = probe_prompt
+        self.backoff = Backoff(give_up_after_s=retry_timeout_s)
+        self._requests: dict[str, _Request] = {}
+        self._held: list[BatchItem] = []  # failed as a whole with the engine: resubmitted once the probe passes
+        self._done_now: list[Done] = []
+        self.last_batches: list[BatchStats] = []
+
+    @property
+    def busy_seconds(self) -> float:
+        return self.feed.busy_seconds
+
+    @property
+    def idle_seconds(self) -> float:
+        return self.feed.idle_seconds
+
+    def warm_up(self, prompt: Prompt) -> None:
+        self.feed.run_exclusive(lambda engine: _warm(engine, prompt))
+
+    def wanted(self) -> int:
+        return 0 if (self._held or self.feed.failure is not None) else self.feed.wanted()
+
+    def add(self, item: BatchItem) -> None:
+        if item.prompt is None:  # failed before the engine: done now (commit order is the checkpoint's business)
+            self._done_now.append((item, item.error or ValueError("no prompt")))
+            return
+        request_id = request_id_of(item.source)
+        self._requests[request_id] = _Request(item)
+        self.feed.submit(request_id, item.prompt)
+
+    def pending(self) -> int:
+        return len(self._held) + self.feed.queued
+
+    def in_flight(self) -> int:
+        return len(self._requests)
+
+    def seconds_until_due(self) -> float | None:
+        return None
+
+    def take(self) -> list[Done]:
+        finished, self._done_now = self._done_now, []
+        for result in self.feed.take_finished():
+            request = self._requests.pop(result.request_id, None)
+            if request is None:
+                continue  # aborted meanwhile (revoked)
+            finished.append((request.item, result.outcome))
+            self.last_batches.append(_stats([request.item], [result.outcome], time.monotonic() - request.submitted))
+        if self.feed.failure is not None:
+            failure = self.feed.failure
+            ids = self.feed.failed_ids()
+            self.feed.reset()
+            self._held += [self._requests.pop(i).item for i in ids if i in self._requests]
+            log.warning("the engine failed with %d request(s) in flight: %s", len(ids), failure)
+            self.backoff.failed()
+        if self._held and self.backoff.due():
+            finished += self._retry_held()
+        return finished
+
+    def _retry_held(self) -> list[Done]:
+        items, self._held = self._held, []
+        prompts = [item.prompt for item in items if item.prompt is not None]
+        probe = probe_with(self.engine, self.probe_prompt)
+        try:
+            outcomes = self.feed.run_exclusive(lambda engine: generate_isolated(engine, prompts, probe))
+        except EngineUnavailableError as exc:
+            self._held = items
+            if not self.backoff.failed():
+                raise
+            log.error("engine unavailable (retry %d in %.1f s): %s", self.backoff.attempts, self.backoff.next_at - time.monotonic(), exc)
+            return []
+        self.backoff.succeeded()
+        return list(zip(items, outcomes))
+
+    def wait(self, timeout: float) -> None:
+        self.feed.wait(timeout)
+
+    def drop(self, keep: Callable[[SourceRecord], bool]) -> int:
+        gone = [rid for rid, request in self._requests.items() if not keep(request.item.source)]
+        for rid in gone:
+            del self._requests[rid]
+        if gone:
+            self.feed.abort(gone)
+        held = len(self._held)
+        self._held = [item for item in self._held if keep(item.source)]
+        return len(gone) + held - len(self._held)
+
+    def finish(self, timeout: float) -> list[Done]:
+        deadline = time.monotonic() + timeout
+        finished: list[Done] = []
+        if self._requests:
+            log.info("stopping: waiting up to %.0f s for %d request(s) in flight", timeout, len(self._requests))
+        while self._requests and time.monotonic() < deadline and self.feed.failure is None:
+            self.feed.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            try:
+                finished += self.take()
+            except EngineUnavailableError:
+                break
+        if self._requests:
+            log.warning("stopping: aborted %d request(s); they are not committed and will be processed again", len(self._requests))
+            self.feed.abort(list(self._requests))
+            self._requests.clear()
+        return finished
+
+    def close(self) -> None:
+        self.feed.close()

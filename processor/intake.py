@@ -1,0 +1,69 @@
+"""Intake: a consumed message → its source record → a batch item (a prompt for the engine, or this record's error).
+
+Whether a failure is the record's or the infrastructure's is decided here, by the error's family: a RecordError
+(undecodable, invalid, too long, too large) becomes the item's error and later its dead letter; an
+InfrastructureError (the Schema Registry unreachable) propagates, so the worker holds and retries the record
+instead of dead-lettering it. Past decoding, the work is pure computation on the record's own data, so anything
+else that goes wrong there is this record's fault too (dead-lettered as UnexpectedError, never a crash).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from confluent_kafka import Message
+
+from processor.batcher import BatchItem, SourceRecord
+from processor.codec import EVENT_SCHEMA
+from processor.errors import InfrastructureError, RecordError, RecordTooLargeError
+from processor.events import validate_event
+from processor.prompt import PromptBuilder
+
+
+def source_of(message: Message, epoch: int) -> SourceRecord:
+    timestamp_type, timestamp = message.timestamp()
+    return SourceRecord(
+        message.topic(),
+        message.partition(),
+        message.offset(),
+        message.key(),
+        message.value(),
+        timestamp if timestamp_type else None,
+        tuple(message.headers() or ()),
+        epoch,
+    )
+
+
+class Intake:
+    def __init__(self, *, codec: Any, prompts: PromptBuilder, max_event_bytes: int) -> None:
+        self.codec = codec
+        self.prompts = prompts
+        self.max_event_bytes = max_event_bytes
+
+    def prepare(self, source: SourceRecord) -> BatchItem:
+        """Everything between bytes and prompt. Raises only InfrastructureError."""
+        event_id: str | None = None
+        try:
+            if source.value is not None and len(source.value) > self.max_event_bytes:
+                raise RecordTooLargeError(f"value is {len(source.value)} bytes, over MAX_EVENT_BYTES={self.max_event_bytes}")
+            record = self.codec.decode(source.value, EVENT_SCHEMA, source.topic)
+            event_id = record.get("event_id") if isinstance(record.get("event_id"), str) else None
+            prompt = self.prompts.build(validate_event(record))
+            return BatchItem(source, prompt=prompt)
+        except InfrastructureError:
+            raise
+        except RecordError as exc:
+            return BatchItem(source, error=exc.with_source(source), decoded_event_id=event_id)
+        except Exception as exc:  # noqa: BLE001 - pure computation on this record's data: its failure is the record's
+            return BatchItem(source, error=exc, decoded_event_id=event_id)
+
+
+def prepare_all(intake: Intake, sources: list[SourceRecord], on_item: Callable[[BatchItem], None]) -> list[SourceRecord]:
+    """Prepare sources in order; on an infrastructure failure return the ones not yet prepared (to retry later)."""
+    for index, source in enumerate(sources):
+        try:
+            item = intake.prepare(source)
+        except InfrastructureError:
+            return sources[index:]
+        on_item(item)
+    return []
