@@ -1,0 +1,190 @@
+"""Checkpoint: commit order with out-of-order completion, ownership, holding after a failed commit, transactions."""
+
+from __future__ import annotations
+
+import pytest
+from confluent_kafka import KafkaError
+
+from processor.batcher import SourceRecord
+from processor.checkpoint import AtLeastOnceCheckpoint, Ownership, TransactionalCheckpoint
+from processor.errors import CommitFailedError, TransactionFatalError
+from processor.records import OutgoingRecord
+from processor.sink import Sink
+from tests.fakes.kafka import FakeConsumer, FakeProducer
+
+TOPIC = "in"
+
+
+def source(partition: int, offset: int, epoch: int = 1, key: bytes | None = None) -> SourceRecord:
+    return SourceRecord(TOPIC, partition, offset, key, b"v", None, (), epoch)
+
+
+def output(src: SourceRecord) -> OutgoingRecord:
+    return OutgoingRecord("out", src.key, b"summary", [], src)
+
+
+def owned(*partitions: int) -> Ownership:
+    ownership = Ownership()
+    ownership.assign((TOPIC, p) for p in partitions)  # epochs 1, 2, ...
+    return ownership
+
+
+def test_commits_only_the_contiguous_acked_prefix_when_work_finishes_out_of_order():
+    ownership = owned(0)
+    consumer = FakeConsumer()
+    checkpoint = AtLeastOnceCheckpoint(consumer=consumer, ownership=ownership, one_batch_at_a_time=False)
+    sources = [source(0, offset) for offset in range(5)]
+    for src in sources:
+        checkpoint.tracker.track(src)
+    for index in (3, 1, 4):  # finished and acknowledged out of order
+        checkpoint.tracker.finish(sources[index], output(sources[index]))
+    released = checkpoint.release()
+    assert sorted(r.source.offset for r in released) == [1, 3, 4]
+    for record in released:
+        checkpoint.tracker.acked(record.source)
+    checkpoint.commit()
+    assert consumer.commits == []  # offset 0 is not done: nothing may be committed
+    checkpoint.tracker.finish(sources[0], output(sources[0]))
+    [first] = checkpoint.release()
+    checkpoint.commit()
+    assert consumer.commits == [], "released is not acknowledged: still nothing"
+    checkpoint.tracker.acked(first.source)
+    checkpoint.commit()
+    assert consumer.commits == [{(TOPIC, 0): 2}]  # 0 and 1; 2 is still generating
+    checkpoint.tracker.finish(sources[2], output(sources[2]))
+    for record in checkpoint.release():
+        checkpoint.tracker.acked(record.source)
+    checkpoint.commit()
+    assert consumer.commits[-1] == {(TOPIC, 0): 5}
+    assert checkpoint.records_committed == 5
+
+
+def test_an_output_waits_for_an_earlier_record_with_the_same_key():
+    ownership = owned(0)
+    checkpoint = AtLeastOnceCheckpoint(consumer=FakeConsumer(), ownership=ownership, one_batch_at_a_time=False)
+    first, second, other = source(0, 0, key=b"k"), source(0, 1, key=b"k"), source(0, 2, key=b"x")
+    for src in (first, second, other):
+        checkpoint.tracker.track(src)
+    checkpoint.tracker.finish(second, output(second))
+    checkpoint.tracker.finish(other, output(other))
+    assert [r.source.offset for r in checkpoint.release()] == [2], "same key as a pending earlier record: held"
+    checkpoint.tracker.finish(first, output(first))
+    assert [r.source.offset for r in checkpoint.release()] == [0, 1]
+
+
+def test_revoked_work_is_neither_released_nor_committed():
+    ownership = owned(0, 1)
+    consumer = FakeConsumer()
+    checkpoint = AtLeastOnceCheckpoint(consumer=consumer, ownership=ownership, one_batch_at_a_time=False)
+    a, b = source(0, 0, epoch=1), source(1, 0, epoch=2)
+    for src in (a, b):
+        checkpoint.tracker.track(src)
+    ownership.revoke([(TOPIC, 1)])
+    assert checkpoint.tracker.finish(b, output(b)) is False
+    ownership.assign([(TOPIC, 1)])  # back, under a new epoch: the old record is still not ours
+    assert checkpoint.tracker.finish(b, output(b)) is False
+    checkpoint.tracker.finish(a, output(a))
+    assert [r.source.partition for r in checkpoint.release()] == [0]
+
+
+def test_one_batch_at_a_time_holds_release_until_the_commit():
+    consumer = FakeConsumer()
+    checkpoint = AtLeastOnceCheckpoint(consumer=consumer, ownership=owned(0), one_batch_at_a_time=True)
+    sources = [source(0, offset) for offset in range(4)]
+    for src in sources:
+        checkpoint.tracker.track(src)
+    for src in sources[:2]:
+        checkpoint.tracker.finish(src, output(src))
+    batch1 = checkpoint.release()
+    for src in sources[2:]:
+        checkpoint.tracker.finish(src, output(src))
+    assert checkpoint.release() == [], "a second batch waits while the first is published but not committed"
+    for record in batch1:
+        checkpoint.tracker.acked(record.source)
+    checkpoint.commit()
+    assert len(checkpoint.release()) == 2
+
+
+def test_a_failed_commit_holds_the_pipeline_until_a_retry_succeeds():
+    consumer = FakeConsumer()
+    checkpoint = AtLeastOnceCheckpoint(consumer=consumer, ownership=owned(0), one_batch_at_a_time=False)
+    a, b = source(0, 0), source(0, 1)
+    for src in (a, b):
+        checkpoint.tracker.track(src)
+    checkpoint.tracker.finish(a, output(a))
+    checkpoint.tracker.acked(checkpoint.release()[0].source)
+    consumer.commit_failures.append(KafkaError(KafkaError.REQUEST_TIMED_OUT, "timed out", retriable=True))
+    with pytest.raises(CommitFailedError):
+        checkpoint.commit()
+    checkpoint.tracker.finish(b, output(b))
+    assert checkpoint.release() == [], "holding: nothing new goes out while the commit is failing"
+    checkpoint.commit()
+    assert consumer.commits == [{(TOPIC, 0): 1}]
+    assert [r.source.offset for r in checkpoint.release()] == [1]
+
+
+def transactional(producer: FakeProducer, consumer: FakeConsumer, ownership: Ownership) -> TransactionalCheckpoint:
+    sink = Sink(producer=producer, max_attempts=3)
+    checkpoint = TransactionalCheckpoint(producer=producer, consumer=consumer, sink=sink, ownership=ownership,
+                                         flush_timeout_s=1.0, keep_alive=lambda: None)
+    sink.on_acknowledged = lambda record: checkpoint.tracker.acked(record.source)
+    return checkpoint
+
+
+def test_a_transaction_carries_only_the_finished_prefix_and_its_offsets():
+    producer, consumer = FakeProducer(), FakeConsumer()
+    checkpoint = transactional(producer, consumer, owned(0))
+    sources = [source(0, offset) for offset in range(3)]
+    for src in sources:
+        checkpoint.tracker.track(src)
+    for index in (0, 2):
+        checkpoint.tracker.finish(sources[index], output(sources[index]))
+    checkpoint.commit()
+    assert producer.transactions == ["begin", "offsets:0=1", "commit"]
+    assert [p.value for p in producer.delivered] == [b"summary"], "offset 2's output waits: its offset is not committed"
+    checkpoint.tracker.finish(sources[1], output(sources[1]))
+    checkpoint.commit()
+    assert producer.transactions[-2:] == ["offsets:0=3", "commit"] and len(producer.delivered) == 3
+
+
+class FailingCommitProducer(FakeProducer):
+    def __init__(self, error: KafkaError) -> None:
+        super().__init__()
+        self.error = error
+
+    def commit_transaction(self, timeout: float) -> None:
+        from confluent_kafka import KafkaException
+
+        self.transactions.append("commit?")
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise KafkaException(error)
+
+
+def test_transactional_errors_are_classified():
+    consumer = FakeConsumer()
+    # retriable: the same transaction's commit is retried
+    producer = FailingCommitProducer(KafkaError(KafkaError.REQUEST_TIMED_OUT, "slow", retriable=True))
+    checkpoint = transactional(producer, consumer, owned(0))
+    a = source(0, 0)
+    checkpoint.tracker.track(a)
+    checkpoint.tracker.finish(a, output(a))
+    with pytest.raises(CommitFailedError):
+        checkpoint.commit()
+    checkpoint.commit()
+    assert producer.transactions == ["begin", "offsets:0=1", "commit?", "offsets:0=1", "commit?"] and checkpoint.records_committed == 1
+    # abortable: abort, and the worker must rewind
+    producer = FailingCommitProducer(KafkaError(KafkaError._STATE, "abortable", txn_requires_abort=True))
+    checkpoint = transactional(producer, consumer, owned(0))
+    checkpoint.tracker.track(a)
+    checkpoint.tracker.finish(a, output(a))
+    with pytest.raises(CommitFailedError):
+        checkpoint.commit()
+    assert producer.transactions[-1] == "abort" and checkpoint.needs_rewind and checkpoint.records_committed == 0
+    # fatal (fenced): a documented exit
+    producer = FailingCommitProducer(KafkaError(KafkaError._FENCED, "fenced", fatal=True))
+    checkpoint = transactional(producer, consumer, owned(0))
+    checkpoint.tracker.track(a)
+    checkpoint.tracker.finish(a, output(a))
+    with pytest.raises(TransactionFatalError):
+        checkpoint.commit()

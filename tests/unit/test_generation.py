@@ -1,0 +1,127 @@
+"""Generation: a GPU that dies is the engine's failure (held, retried, then exit 5), never the records'."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from processor.batcher import BatchItem, MicroBatcher, SourceRecord
+from processor.engines.base import EventGenerationError, Generation
+from processor.engines.extractive import ExtractiveEngine
+from processor.engines.isolation import EngineCallError, generate_isolated, probe_with
+from processor.errors import EngineUnavailableError
+from processor.events import validate_event
+from processor.generation import MicroBatchScheduler
+from processor.prompt import PromptBuilder
+from processor.samples import sample_events
+
+
+class DyingEngine(ExtractiveEngine):
+    """Works for `healthy_calls` generate() calls, then raises for everything (a CUDA illegal address), until revived."""
+
+    def __init__(self, healthy_calls: int, poisoned: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.healthy_calls = healthy_calls
+        self.poisoned = poisoned
+        self.calls = 0
+
+    def generate(self, prompts):
+        self.calls += 1
+        if self.calls > self.healthy_calls:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if any(p.event.event_id in self.poisoned for p in prompts):
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return super().generate(prompts)
+
+
+def prompts(n: int):
+    builder = PromptBuilder(ExtractiveEngine().tokenizer, 6144, 1536)
+    base = sample_events()
+    return [builder.build(validate_event(base[i % len(base)] | {"event_id": f"e{i}"})) for i in range(n)]
+
+
+def test_a_dead_gpu_is_not_blamed_on_the_batch():
+    engine = DyingEngine(healthy_calls=0)
+    batch = prompts(8)
+    probe = probe_with(engine, prompts(1)[0])
+    with pytest.raises(EngineUnavailableError):
+        generate_isolated(engine, batch, probe)
+    assert engine.calls == 2, "the whole batch, then the probe: no bisection of a dead GPU"
+
+
+def test_a_gpu_dying_mid_bisection_is_caught_when_every_event_failed():
+    engine = DyingEngine(healthy_calls=2, poisoned=frozenset({"e3"}))  # batch raises (poison), probe passes, then death
+    with pytest.raises(EngineUnavailableError):
+        generate_isolated(engine, prompts(8), probe_with(engine, prompts(1)[0]))
+
+
+def test_a_lone_poison_event_is_dead_lettered_when_the_probe_passes():
+    engine = DyingEngine(healthy_calls=10**6, poisoned=frozenset({"e0"}))
+    [outcome] = generate_isolated(engine, prompts(1), probe_with(engine, prompts(2)[1]))
+    assert isinstance(outcome, EngineCallError)
+
+
+def item(offset: int, prompt) -> BatchItem:
+    return BatchItem(SourceRecord("in", 0, offset, None, b"", None, (), 1), prompt=prompt)
+
+
+def run_until_done(scheduler: MicroBatchScheduler, deadline_s: float = 10.0):
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        done = scheduler.take()
+        if done:
+            return done
+        scheduler.wait(0.01)
+    raise AssertionError("no batch finished")
+
+
+def test_micro_batches_are_held_and_retried_while_the_engine_is_down_then_exit():
+    engine = DyingEngine(healthy_calls=1)  # warm-up works, then the GPU dies
+    probe_prompt = prompts(1)[0]
+    scheduler = MicroBatchScheduler(engine=engine, batcher=MicroBatcher(4, 0.0, 10**9), probe_prompt=probe_prompt, retry_timeout_s=0.5)
+    scheduler.backoff.first_s = 0.05
+    scheduler.warm_up(probe_prompt)
+    for offset, prompt in enumerate(prompts(4)):
+        scheduler.add(item(offset, prompt))
+    finished: list = []
+    with pytest.raises(EngineUnavailableError):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            finished += scheduler.take()
+            scheduler.wait(0.01)
+    assert finished == [], "nothing finished, so nothing is dead-lettered or committed"
+    assert scheduler.backoff.attempts >= 2, "retried with backoff before giving up"
+    assert scheduler.pending() == 4, "the batch is still held"
+
+
+def test_micro_batches_resume_when_the_engine_recovers():
+    engine = DyingEngine(healthy_calls=1)
+    probe_prompt = prompts(1)[0]
+    scheduler = MicroBatchScheduler(engine=engine, batcher=MicroBatcher(4, 0.0, 10**9), probe_prompt=probe_prompt, retry_timeout_s=60)
+    scheduler.backoff.first_s = 0.05
+    scheduler.warm_up(probe_prompt)
+    for offset, prompt in enumerate(prompts(4)):
+        scheduler.add(item(offset, prompt))
+    deadline = time.monotonic() + 10
+    while scheduler.backoff.attempts < 2 and time.monotonic() < deadline:
+        assert scheduler.take() == []
+        scheduler.wait(0.01)
+    engine.healthy_calls = 10**6  # the driver came back
+    done = run_until_done(scheduler)
+    assert [i.source.offset for i, _ in done] == [0, 1, 2, 3]
+    assert all(isinstance(outcome, Generation) for _, outcome in done)
+    assert not scheduler.backoff.failing
+
+
+def test_records_that_failed_before_the_engine_ride_along_in_their_batch():
+    engine = ExtractiveEngine()
+    scheduler = MicroBatchScheduler(engine=engine, batcher=MicroBatcher(2, 0.0, 10**9), probe_prompt=prompts(1)[0], retry_timeout_s=60)
+    bad = BatchItem(SourceRecord("in", 0, 1, None, b"", None, (), 1), error=ValueError("bad"))
+    p = prompts(2)
+    for it in (item(0, p[0]), bad, item(2, p[1])):
+        scheduler.add(it)
+    done = run_until_done(scheduler)
+    assert [i.source.offset for i, _ in done] == [0, 1, 2]
+    assert isinstance(done[1][1], ValueError) and isinstance(done[0][1], Generation)
+    assert not isinstance(done[2][1], EventGenerationError)
