@@ -135,6 +135,11 @@ class MicroBatchScheduler:
     def warm_up(self, prompt: Prompt) -> None:
         self.thread.call(lambda: _warm(self.engine, prompt))
 
+    @property
+    def ready_batches(self) -> list[Batch]:
+        """Closed batches waiting for the engine (at most one in steady state)."""
+        return list(self._ready)
+
     def wanted(self) -> int:
         return 0 if self._ready else max(1, self.batcher.room)
 

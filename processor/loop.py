@@ -31,7 +31,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from processor.batcher import BatchItem, MicroBatcher, SourceRecord
 from processor.capacity import BatchLimits, resolve_batch_limits
-from processor.checkpoint import TP, AtLeastOnceCheckpoint, Ownership, TransactionalCheckpoint
+from processor.checkpoint import TP, AtLeastOnceCheckpoint, Ownership, State, TransactionalCheckpoint
 from processor.clients import BrokerHealth, consumer_config, is_cooperative, make_consumer, make_producer, max_record_bytes, producer_config
 from processor.codec import SUMMARY_SCHEMA, make_codec
 from processor.engines.base import Engine, EngineStartupError, Prompt, supports_streaming
@@ -154,6 +154,14 @@ class Worker:
     @property
     def assigned(self) -> list[TP]:
         return self.ownership.partitions
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def full_for(self) -> float | None:
+        """Seconds generation has wanted no more records, or None while it takes them."""
+        return None if self._full_since is None else time.monotonic() - self._full_since
 
     def request_stop(self) -> None:
         """Stop fetching, finish or abandon the work in flight, publish and commit what finished, close."""
@@ -419,12 +427,18 @@ class Worker:
         self._set_paused(True)
         not_started = self.scheduler.pending() + len(self._inbox)
         self._inbox.clear()
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
         self._finish(self.scheduler.finish(self.settings.shutdown_timeout_s))
-        self._publish()
-        if not self.transactional:
-            self.sink.flush(self.settings.shutdown_timeout_s)
-            self.sink.raise_for_error()
-        self._commit(force=True)
+        # What finished is published and committed before exit: a batch may wait behind the previous batch's
+        # commit (one batch at a time), so release, acknowledge and commit until nothing finished is left.
+        for _round in range(3):
+            self._publish()
+            if not self.transactional:
+                self.sink.flush(max(0.0, deadline - time.monotonic()))
+                self.sink.raise_for_error()
+            self._commit(force=True)
+            if not self.checkpoint.tracker.counts()[State.FINISHED] or time.monotonic() > deadline:
+                break
         log.info("stopped: %(consumed)d consumed, %(summaries)d summaries, %(dead_letters)d dead letters published; "
                  "%(prompt_tokens)d prompt + %(completion_tokens)d completion tokens", self.totals,
                  extra={**self.totals, "committed": self.records_committed, "left_for_next_run": not_started})

@@ -19,6 +19,19 @@ from processor.tools import produce_events, read_topic
 FAST_GROUP = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 
 
+def real_consumer(settings: Settings, **overrides: Any) -> Any:
+    """The Kafka consumer the Worker would build, for tests that wrap it before injecting it."""
+    from processor.clients import consumer_config, make_consumer
+
+    return make_consumer(consumer_config(settings, overrides={**FAST_GROUP, **overrides}))
+
+
+def real_producer(settings: Settings, **overrides: Any) -> Any:
+    from processor.clients import make_producer, producer_config
+
+    return make_producer(producer_config(settings, overrides=overrides))
+
+
 def make_event(n: int, language: str = "en", results: int = 3, **extra: Any) -> dict[str, Any]:
     korean = language == "ko"
     return {

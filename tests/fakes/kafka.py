@@ -107,3 +107,74 @@ class FakeConsumer:
         for m in ready:
             self.queue.remove(m)
         return ready
+
+
+class FakeGroupConsumer(FakeConsumer):
+    """A consumer of one topic whose group assigns `partitions` on the first consume(); a test can revoke later."""
+
+    def __init__(self, topic: str, partitions: int = 1) -> None:
+        super().__init__()
+        self.topic = topic
+        self.partitions = partitions
+        self.callbacks: dict[str, Any] = {}
+        self.closed = False
+        self.sought: list[TopicPartition] = []
+        self._joined = False
+        self.before_consume: Callable[["FakeGroupConsumer"], None] | None = None
+        self.delivered_per_partition: dict[int, int] = {}
+
+    def add(self, partition: int, key: bytes | None, value: bytes | None, headers: list | None = None) -> FakeMessage:
+        offset = sum(1 for m in self.queue if m.partition() == partition) + self.delivered_per_partition.get(partition, 0)
+        message = FakeMessage(self.topic, partition, offset, key, value, headers)
+        self.queue.append(message)
+        return message
+
+    def subscribe(self, topics: list[str], on_assign: Any = None, on_revoke: Any = None, on_lost: Any = None) -> None:
+        self.callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost}
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        self.assigned = list(partitions)
+
+    def incremental_assign(self, partitions: list[TopicPartition]) -> None:
+        self.assigned += list(partitions)
+
+    def revoke(self, partitions: list[int]) -> None:
+        tps = [TopicPartition(self.topic, p) for p in partitions]
+        self.callbacks["revoke"](self, tps)
+        self.assigned = [tp for tp in self.assigned if tp.partition not in partitions]
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[FakeMessage]:
+        if self.before_consume is not None:
+            self.before_consume(self)
+        if not self._joined:
+            self._joined = True
+            self.callbacks["assign"](self, [TopicPartition(self.topic, p) for p in range(self.partitions)])
+        owned = {tp.partition for tp in self.assigned}
+        ready = [m for m in self.queue if m.partition() in owned and (m.topic(), m.partition()) not in self.paused][:num_messages]
+        for m in ready:
+            self.queue.remove(m)
+            self.delivered_per_partition[m.partition()] = self.delivered_per_partition.get(m.partition(), 0) + 1
+        if not ready and timeout and timeout > 0:
+            import time
+
+            time.sleep(min(timeout, 0.01))
+        return ready
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
+        return None
+
+    def get_watermark_offsets(self, tp: TopicPartition, timeout: float = -1, cached: bool = False) -> tuple[int, int]:
+        return (0, -1)
+
+    def committed(self, partitions: list[TopicPartition], timeout: float = -1) -> list[TopicPartition]:
+        last: dict[int, int] = {}
+        for commit in self.commits:
+            for (_t, p), o in commit.items():
+                last[p] = o
+        return [TopicPartition(tp.topic, tp.partition, last.get(tp.partition, -1001)) for tp in partitions]
+
+    def seek(self, tp: TopicPartition) -> None:
+        self.sought.append(tp)
+
+    def close(self) -> None:
+        self.closed = True

@@ -30,6 +30,8 @@ def worker_env(broker, topics, **extra):
         "BATCH_MAX_RECORDS": str(BATCH),
         "BATCH_MAX_WAIT_MS": "100",
         "LOG_LEVEL": os.environ.get("FAULT_LOG_LEVEL", "WARNING"),
+        # The fault suite runs in either generation mode: FAULT_GENERATION_MODE=continuous runs it with the feed.
+        "GENERATION_MODE": os.environ.get("FAULT_GENERATION_MODE", "micro_batch"),
     }
     return {**env, **{k: str(v) for k, v in extra.items()}}
 
@@ -117,6 +119,12 @@ def test_sigterm_mid_batch_exits_0_within_the_bound_and_a_restart_duplicates_not
     figures[f"graceful_stop_{'finish' if finish else 'abandon'}"] = {"exit_code": code, "seconds": round(took, 1), "bound_s": bound}
     assert code == 0 and took < bound
     published_before = Counter(s["event_id"] for s in read_all(broker, topics["output"], idle=1.0))
+    committed_at_exit = sum(committed_offsets(broker, topics["group"], topics["input"], 2).values())
+    if finish:
+        # The batch generating at SIGTERM finished inside the allowance: it is published AND committed before exit.
+        assert committed_at_exit >= 40, "the first batch and the one generating at SIGTERM"
+        assert committed_at_exit == sum(published_before.values()), "exactly what was published is committed"
+    figures[f"graceful_stop_{'finish' if finish else 'abandon'}"]["committed_at_exit"] = committed_at_exit
 
     restart = workers.start(worker_env(broker, topics, FAULT_TRACE=trace), name="restart")
     ends = end_offsets(placements)

@@ -15,7 +15,7 @@ from processor.engines.extractive import ExtractiveEngine
 from processor.errors import EXIT_OUTPUT_FAILED
 from processor.loop import Worker
 from tests.fault.test_crash_and_stop import worker_env
-from tests.helpers import FAST_GROUP, committed_offsets, create_topics, end_offsets, make_event, produce, read_all, run_until, settings_for
+from tests.helpers import FAST_GROUP, real_producer, committed_offsets, create_topics, end_offsets, make_event, produce, read_all, run_until, settings_for
 
 pytestmark = pytest.mark.broker
 
@@ -50,9 +50,9 @@ class FailingProducer:
 
 
 def worker_with_failing_output(broker, topics, failures, **overrides):
-    worker = Worker(settings_for(broker, topics, **overrides), ExtractiveEngine(), consumer_overrides=FAST_GROUP)
-    failing = FailingProducer(worker.producer, topics["output"], failures)
-    worker.producer = worker.sink.producer = failing
+    settings = settings_for(broker, topics, **overrides)
+    failing = FailingProducer(real_producer(settings), topics["output"], failures)
+    worker = Worker(settings, ExtractiveEngine(), consumer_overrides=FAST_GROUP, producer=failing)
     return worker, failing
 
 
@@ -126,7 +126,7 @@ def test_read_committed_consumers_see_each_summary_once_across_crashes(broker, t
         )
     create_topics(broker, topics, partitions=2)
     placements = produce(broker, topics["input"], [make_event(i) for i in range(2000)])
-    env = worker_env(broker, topics, PROCESSING_GUARANTEE="exactly_once", FAULT_DELAY_S=0.05, BATCH_MAX_RECORDS=25)
+    env = worker_env(broker, topics, PROCESSING_GUARANTEE="exactly_once", TRANSACTIONAL_ID_SUFFIX="eos-0", FAULT_DELAY_S=0.05, BATCH_MAX_RECORDS=25)
     for _ in range(3):
         process = workers.start(env, name="eos")
         time.sleep(8)

@@ -140,4 +140,8 @@ def test_poison_kind_becomes_one_dead_letter_saying_why(poisoned_run, kind):
     import base64
 
     assert base64.b64decode(record["original_key"]) == f"key-{kind}".encode()
-    assert (base64.b64decode(record["original_value"]) if record["original_value"] else None) == value
+    if value is not None and len(value) > 900_000:
+        # Too large for the broker even compressed: published with its headers, the value omitted and flagged.
+        assert record["original_value"] is None and record["value_omitted"] == f"too large: {len(value)} bytes"
+    else:
+        assert (base64.b64decode(record["original_value"]) if record["original_value"] else None) == value

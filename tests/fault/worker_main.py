@@ -21,11 +21,16 @@ class FaultEngine(ExtractiveEngine):
     """Extractive, plus: FAULT_DELAY_S per generate(); raises for event ids containing 'engine-raise';
     returns an empty summary for ids containing 'engine-empty'."""
 
-    def __init__(self, delay_s: float) -> None:
+    def __init__(self, delay_s: float, die_after_calls: int | None = None) -> None:
         super().__init__()
         self.delay_s = delay_s
+        self.die_after_calls = die_after_calls  # then every call raises, like a GPU lost to an illegal memory access
+        self.calls = 0
 
     def generate(self, prompts: Sequence[Any]) -> list[Any]:
+        self.calls += 1
+        if self.die_after_calls is not None and self.calls > self.die_after_calls:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
         if self.delay_s:
             time.sleep(self.delay_s)
         if any("engine-raise" in p.event.event_id for p in prompts):
@@ -65,11 +70,15 @@ def main() -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test can ask a stuck worker where it is
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
-    worker = Worker(settings, FaultEngine(float(os.environ.get("FAULT_DELAY_S", "0"))))
+    consumer = None
     trace_path = os.environ.get("FAULT_TRACE")
     if trace_path:
-        trace = open(trace_path, "a", encoding="utf-8")
-        worker.consumer = TracingConsumer(worker.consumer, trace)  # type: ignore[assignment]
+        from processor.clients import consumer_config, make_consumer
+
+        consumer = TracingConsumer(make_consumer(consumer_config(settings)), open(trace_path, "a", encoding="utf-8"))
+    die_after = os.environ.get("FAULT_DIE_AFTER_CALLS")
+    engine = FaultEngine(float(os.environ.get("FAULT_DELAY_S", "0")), int(die_after) if die_after else None)
+    worker = Worker(settings, engine, consumer=consumer)
     worker.install_signal_handlers()
     started = time.monotonic()
     code = worker.run()

@@ -10,7 +10,7 @@ import pytest
 
 from processor.engines.extractive import ExtractiveEngine
 from processor.loop import PAUSE_AFTER_S, Worker
-from tests.helpers import FAST_GROUP, committed_offsets, create_topics, end_offsets, make_event, produce, run_until, settings_for
+from tests.helpers import FAST_GROUP, committed_offsets, real_consumer, create_topics, end_offsets, make_event, produce, run_until, settings_for
 
 pytestmark = pytest.mark.broker
 
@@ -32,17 +32,18 @@ class ObservedEngine(ExtractiveEngine):
             return super().generate(prompts)
         committed_at_start = worker.records_committed
         time.sleep(self.seconds * 0.9)
-        ready = list(worker._ready)
+        scheduler = worker.scheduler
+        ready = list(scheduler.ready_batches)
         self.observations.append(
             {
                 "batch_events": len(prompts),
                 "committed_during_generate": worker.records_committed - committed_at_start,
                 "ready_batches": len(ready),
                 "ready_prompts_built": sum(len(b.prompts) for b in ready),
-                "open_records": worker.batcher.pending,
-                "paused": worker._paused,
-                "full_for_s": None if worker._full_since is None else time.monotonic() - worker._full_since,
-                "paused_partitions": [tp.partition for tp in worker.consumer.assignment()] if worker._paused else [],
+                "open_records": scheduler.batcher.pending,
+                "paused": worker.paused,
+                "full_for_s": worker.full_for(),
+                "paused_partitions": [tp.partition for tp in worker.consumer.assignment()] if worker.paused else [],
             }
         )
         time.sleep(self.seconds * 0.1)
@@ -51,11 +52,15 @@ class ObservedEngine(ExtractiveEngine):
 
 class CommitLog:
     def __init__(self, consumer):
-        self._consumer, self.commits = consumer, []
+        self._consumer, self.commits, self.pauses = consumer, [], []
 
     def commit(self, *args, **kwargs):
         self.commits.append({tp.partition: tp.offset for tp in kwargs["offsets"]})
         return self._consumer.commit(*args, **kwargs)
+
+    def pause(self, partitions):
+        self.pauses.append(len(partitions))
+        return self._consumer.pause(partitions)
 
     def __getattr__(self, name):
         return getattr(self._consumer, name)
@@ -66,10 +71,9 @@ def test_next_batch_is_prepared_and_previous_committed_while_the_engine_generate
     placements = produce(broker, topics["input"], [make_event(i) for i in range(60)])
     engine = ObservedEngine(1.5)
     settings = settings_for(broker, topics, batch_max_records=10, batch_max_wait_ms=50)
-    worker = Worker(settings, engine, consumer_overrides=FAST_GROUP)
+    log = CommitLog(real_consumer(settings))
+    worker = Worker(settings, engine, consumer=log)
     engine.worker = worker
-    log = CommitLog(worker.consumer)
-    worker.consumer = log
     assert run_until(worker, lambda: worker.records_committed >= 60, timeout_s=120) == 0
     steady = engine.observations[1:-1]  # the first has no predecessor, the last no successor
     assert steady, engine.observations
@@ -94,9 +98,8 @@ def test_brief_backpressure_does_not_pause(broker, topics):
     """A fast engine: the queue is full only for moments, so partitions are never paused (no refetch churn)."""
     create_topics(broker, topics, partitions=2)
     produce(broker, topics["input"], [make_event(i) for i in range(400)])
-    worker = Worker(settings_for(broker, topics, batch_max_records=20, batch_max_wait_ms=20), ExtractiveEngine(), consumer_overrides=FAST_GROUP)
-    pauses = []
-    original = worker._set_paused
-    worker._set_paused = lambda paused: (pauses.append(paused) if paused else None, original(paused))[1]
+    settings = settings_for(broker, topics, batch_max_records=20, batch_max_wait_ms=20)
+    log = CommitLog(real_consumer(settings))
+    worker = Worker(settings, ExtractiveEngine(), consumer=log)
     assert run_until(worker, lambda: worker.records_committed >= 400) == 0
-    assert pauses == [] or pauses == [True], pauses  # (only the final shutdown pauses)
+    assert len(log.pauses) <= 1, log.pauses  # (only the final shutdown pauses)

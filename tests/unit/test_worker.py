@@ -1,0 +1,215 @@
+"""The Worker end to end with injected fake Kafka clients: the guarantees that a planted bug must break.
+
+Each test names the behaviour it guards; each fails when that behaviour is removed from the loop (ownership filter at
+publish, SIGTERM publishing a finished batch, commit only after acknowledgement, the probe, registry holding)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from processor.codec import EVENT_SCHEMA, AvroCodec
+from processor.engines.extractive import ExtractiveEngine
+from processor.errors import EXIT_BROKER_UNAVAILABLE, EXIT_ENGINE_FAILED, EXIT_REGISTRY_UNAVAILABLE, RegistryUnavailableError
+from processor.loop import Worker
+from processor.records import parse_dead_letter
+from processor.settings import load_settings
+from tests.fakes.kafka import FakeGroupConsumer, FakeProducer
+from tests.helpers import make_event
+
+CODEC = AvroCodec()
+
+
+def settings(**overrides: Any):
+    values = {"kafka_input_topic": "in", "kafka_output_topic": "out", "kafka_dlq_topic": "dlq", "batch_max_wait_ms": 0,
+              "batch_max_records": 2, "shutdown_timeout_s": 5, "infrastructure_retry_timeout_s": 1.0}
+    values.update(overrides)
+    return load_settings(**values)
+
+
+def feed(consumer: FakeGroupConsumer, count: int, partitions: int = 1) -> None:
+    for n in range(count):
+        consumer.add(n % partitions, f"k{n}".encode(), CODEC.encode(make_event(n), EVENT_SCHEMA))
+
+
+def summaries(producer: FakeProducer) -> list[str]:
+    return [CODEC.decode(p.value, "ai_worker.SearchSummary")["event_id"] for p in producer.delivered if p.topic == "out"]
+
+
+def run(worker: Worker, until, timeout_s: float = 20.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    return worker.run(until=lambda: until() or time.monotonic() > deadline)
+
+
+class GatedEngine(ExtractiveEngine):
+    """generate() blocks on `gate` after the warm-up; `started` is set when a batch is inside generate()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.calls = 0
+
+    def generate(self, prompts):
+        self.calls += 1
+        if self.calls > 1:
+            self.started.set()
+            assert self.gate.wait(20)
+        return super().generate(prompts)
+
+
+def test_a_partition_revoked_while_its_batch_generates_is_published_by_nobody_here_and_the_rest_exactly_once():
+    consumer, producer, engine = FakeGroupConsumer("in", partitions=2), FakeProducer(), GatedEngine()
+    feed(consumer, 4, partitions=2)
+    worker = Worker(settings(batch_max_records=4), engine, consumer=consumer, producer=producer)
+    revoked: list[int] = []
+
+    def revoke_while_generating(c: FakeGroupConsumer) -> None:
+        if engine.started.is_set() and not revoked:
+            revoked.append(1)
+            c.revoke([1])
+            engine.gate.set()
+
+    consumer.before_consume = revoke_while_generating
+    worker.checkpoint.tracker.drop = lambda tps: None  # keep the revoked partition's track: only ownership may stop its publication
+    assert run(worker, lambda: worker.records_committed >= 2 and bool(revoked)) == 0
+    published = summaries(producer)
+    assert sorted(published) == ["evt-000000", "evt-000002"], "partition 0 exactly once; partition 1 belongs to its new owner"
+    assert all(("in", 1) not in commit for commit in consumer.commits)
+
+
+def test_sigterm_publishes_and_commits_a_batch_that_finished_generating():
+    consumer, producer = FakeGroupConsumer("in"), FakeProducer()
+    feed(consumer, 4)
+    worker = Worker(settings(), ExtractiveEngine(), consumer=consumer, producer=producer)
+    producer.hold = True  # batch 1 published, not acknowledged: batch 2 finishes and waits behind it
+
+    def stop_when_both_generated() -> bool:
+        finished = worker.checkpoint.tracker.counts()
+        if sum(finished.values()) == 4 and worker.scheduler.in_flight() == 0 and worker.scheduler.pending() == 0:
+            producer.hold = False
+            worker.request_stop()
+            return True  # no further step: the shutdown alone must publish and commit batch 2
+        return False
+
+    assert run(worker, stop_when_both_generated) == 0
+    assert sorted(summaries(producer)) == [f"evt-00000{i}" for i in range(4)]
+    assert consumer.commits[-1] == {("in", 0): 4} and worker.records_committed == 4
+
+
+def test_offsets_are_committed_only_after_their_outputs_are_acknowledged():
+    consumer, producer = FakeGroupConsumer("in"), FakeProducer()
+    feed(consumer, 10)
+    worker = Worker(settings(), ExtractiveEngine(), consumer=consumer, producer=producer)
+    violations: list[str] = []
+
+    def check_at_commit() -> None:
+        delivered = {(p.key) for p in producer.delivered}
+        waiting = {(p.key) for p in producer.waiting}
+        if waiting & {f"k{n}".encode() for n in range(10)} and not delivered:
+            violations.append("committing while the only outputs are still in flight")
+
+    consumer.on_commit = check_at_commit
+    producer.hold = True
+    deadline = time.monotonic() + 1.0
+    code = worker.run(until=lambda: time.monotonic() > deadline)
+    assert consumer.commits == [] and producer.produced, "outputs in flight, not acknowledged: nothing committed"
+    assert code == 0
+    producer.hold = False
+    consumer2 = consumer  # the same group continues
+    worker2 = Worker(settings(), ExtractiveEngine(), consumer=consumer2, producer=producer)
+    feed(consumer2, 2)
+    assert run(worker2, lambda: worker2.records_committed >= 2) == 0
+    assert violations == []
+
+
+class DyingEngine(ExtractiveEngine):
+    def __init__(self, healthy_calls: int) -> None:
+        super().__init__()
+        self.healthy_calls, self.calls = healthy_calls, 0
+
+    def generate(self, prompts):
+        self.calls += 1
+        if self.calls > self.healthy_calls:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return super().generate(prompts)
+
+
+def test_a_gpu_that_dies_mid_run_drains_nothing_into_the_dlq_and_exits_5():
+    consumer, producer = FakeGroupConsumer("in"), FakeProducer()
+    feed(consumer, 10)
+    worker = Worker(settings(), DyingEngine(healthy_calls=2), consumer=consumer, producer=producer)  # warm-up + one batch
+    assert run(worker, lambda: False) == EXIT_ENGINE_FAILED
+    assert [p for p in producer.produced if p.topic == "dlq"] == []
+    assert len(summaries(producer)) == 2 and consumer.commits[-1] == {("in", 0): 2}, "only the batch before the failure"
+
+
+class FlakyRegistryCodec(AvroCodec):
+    def __init__(self, down_for_decodes: int) -> None:
+        super().__init__()
+        self.down_for = down_for_decodes
+
+    def decode(self, payload, schema_name, topic=""):
+        if self.down_for > 0:
+            self.down_for -= 1
+            raise RegistryUnavailableError("Schema Registry unreachable: ConnectError: [Errno 111] Connection refused")
+        return super().decode(payload, schema_name, topic)
+
+
+def test_an_unreachable_registry_holds_the_records_and_never_dead_letters_them():
+    consumer, producer = FakeGroupConsumer("in"), FakeProducer()
+    feed(consumer, 4)
+    worker = Worker(settings(infrastructure_retry_timeout_s=30), ExtractiveEngine(), consumer=consumer, producer=producer,
+                    codec=FlakyRegistryCodec(down_for_decodes=3))
+    worker._registry.first_s = 0.05  # noqa: SLF001 - shorten the first backoff step for the test
+    assert run(worker, lambda: worker.records_committed >= 4) == 0
+    assert sorted(summaries(producer)) == [f"evt-00000{i}" for i in range(4)]
+    assert [p for p in producer.produced if p.topic == "dlq"] == []
+
+
+def test_a_registry_that_stays_down_ends_the_worker_with_exit_6():
+    consumer, producer = FakeGroupConsumer("in"), FakeProducer()
+    feed(consumer, 4)
+    worker = Worker(settings(), ExtractiveEngine(), consumer=consumer, producer=producer, codec=FlakyRegistryCodec(down_for_decodes=10**6))
+    assert run(worker, lambda: False) == EXIT_REGISTRY_UNAVAILABLE
+    assert producer.produced == [] and consumer.commits == []
+
+
+def test_failing_commits_hold_the_pipeline_then_recover_without_extra_duplicates():
+    from confluent_kafka import KafkaError
+
+    consumer, producer = FakeGroupConsumer("in"), FakeProducer()
+    feed(consumer, 8)
+    worker = Worker(settings(broker_unavailable_timeout_s=30), ExtractiveEngine(), consumer=consumer, producer=producer)
+    worker._commits.first_s = 0.05  # noqa: SLF001
+    for _ in range(3):
+        consumer.commit_failures.append(KafkaError(KafkaError.REQUEST_TIMED_OUT, "commit timed out", retriable=True))
+    uncommitted_seen: list[int] = []
+    consumer.on_commit = lambda: uncommitted_seen.append(len(producer.produced) - worker.records_committed)
+    assert run(worker, lambda: worker.records_committed >= 8) == 0
+    assert max(uncommitted_seen) <= 2, "at most one batch (2 records) published and not committed, even while commits fail"
+    assert sorted(summaries(producer)) == [f"evt-00000{i}" for i in range(8)]
+
+
+def test_commits_that_keep_failing_end_the_worker_with_exit_3():
+    from confluent_kafka import KafkaError
+
+    consumer, producer = FakeGroupConsumer("in"), FakeProducer()
+    feed(consumer, 4)
+    worker = Worker(settings(broker_unavailable_timeout_s=1), ExtractiveEngine(), consumer=consumer, producer=producer)
+    worker._commits.first_s = 0.05  # noqa: SLF001
+    consumer.commit_failures.extend(KafkaError(KafkaError.REQUEST_TIMED_OUT, "commit timed out", retriable=True) for _ in range(1000))
+    assert run(worker, lambda: False) == EXIT_BROKER_UNAVAILABLE
+    assert len(producer.produced) <= 2
+
+
+def test_a_record_with_hostile_dlq_headers_is_dead_lettered_once_with_the_real_reason():
+    consumer, producer = FakeGroupConsumer("in"), FakeProducer()
+    consumer.add(0, b"k", b"not avro", headers=[("dlq.error_class", None), ("dlq.error_message", b"\xff\xfe"), ("dlq.reason", b"fine")])
+    feed(consumer, 1)
+    worker = Worker(settings(), ExtractiveEngine(), consumer=consumer, producer=producer)
+    assert run(worker, lambda: worker.records_committed >= 2) == 0
+    [dead] = [p for p in producer.delivered if p.topic == "dlq"]
+    assert parse_dead_letter(dead.key, dead.value, dead.headers)["error_class"] == "BadMagicError"
+    assert worker.metrics.dead_letters.labels("BadMagicError")._value.get() == 1  # noqa: SLF001 - prometheus child value
