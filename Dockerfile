@@ -16,7 +16,13 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-COPY requirements.txt .
+# Which vLLM: requirements.txt is the ADR's vLLM 0.6.3 (V0 engine, CUDA 12); the current vLLM (0.24.0, V1 engine
+# only, torch 2.11 with CUDA 13 libraries from pip, NVIDIA driver >= 580) builds with
+#   docker build --build-arg REQUIREMENTS=requirements-vllm-current.txt .
+# The engine code is the same for both (processor/engines/vllm_engine.py); on the current vLLM it drops
+# VLLM_USE_V1, which means nothing there, with one warning.
+ARG REQUIREMENTS=requirements.txt
+COPY ${REQUIREMENTS} requirements.txt
 RUN python3 -m pip install -r requirements.txt
 
 COPY processor/ processor/

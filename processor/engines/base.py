@@ -98,13 +98,23 @@ class Engine(Protocol):
 @dataclass(frozen=True)
 class InFlightBudget:
     """How much work an engine can hold at once without preempting: sequences, and KV-cache tokens (prompt +
-    max new tokens of every request in flight). From what the engine really allocated, once it has started."""
+    max new tokens of every request in flight). From what the engine really allocated, once it has started.
+
+    `block_size`: the engine allocates KV cache in blocks of this many tokens per sequence (vLLM: 16), so a
+    request really holds its token count rounded up to a whole block; `request_tokens` does that rounding.
+    """
 
     max_sequences: int
     kv_tokens: int
+    block_size: int = 1
 
     def admits(self, sequences: int, tokens: int) -> bool:
         return sequences <= self.max_sequences and tokens <= self.kv_tokens
+
+    def request_tokens(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """KV tokens one request can come to hold: its prompt and every token it may generate, in whole blocks."""
+        tokens = prompt_tokens + max_new_tokens
+        return -(-tokens // self.block_size) * self.block_size
 
 
 @dataclass(frozen=True)
@@ -119,26 +129,41 @@ class Finished:
 class StreamingEngine(Engine, Protocol):
     """An engine that takes requests one at a time and finishes them out of order (vLLM's add_request/step).
 
-    GENERATION_MODE=continuous needs it; engines without it run in micro_batch mode only.
+    GENERATION_MODE=continuous needs it; engines without it run in micro_batch mode only. The engine is not
+    thread-safe: one thread (processor.continuous.ContinuousFeed) makes every call, and generate() must not run
+    while requests added here are unfinished (vLLM's generate() would step, and return, them too).
+
+    Failures, by scope:
+    * one request: add_request() raises EventGenerationError (the engine refused this prompt before running
+      it, e.g. current vLLM's ValueError for a prompt longer than max_model_len → PromptIgnoredError; the
+      request is then not in flight), or step() returns its Finished with an EventGenerationError outcome
+      (vLLM 0.6.3's empty "length" answer to an over-long prompt, an aborted or errored request);
+    * the engine: any other exception from add_request() or step(); every request in flight is then
+      unaccounted for and the caller must treat the engine as suspect (probe it before trusting it again).
     """
 
     def add_request(self, request_id: str, prompt: Prompt) -> None:
-        """Queue one prompt; it runs beside whatever is already in flight."""
+        """Queue one prompt under a caller-chosen id (unique among unfinished requests); it runs beside whatever
+        is already in flight. Raises EventGenerationError if the engine refuses this one prompt."""
         ...
 
     def step(self) -> list[Finished]:
-        """One engine iteration. Returns the requests that finished in it, in any order. Raising means the engine
-        failed as a whole (every request in flight is then unaccounted for)."""
+        """One engine iteration. Returns the requests that finished in it, in any order, each exactly once.
+        Raising means the engine failed as a whole (every request in flight is then unaccounted for)."""
         ...
 
     def abort(self, request_ids: Iterable[str]) -> None:
-        """Drop requests (their partition was revoked); unknown or finished ids are ignored."""
+        """Drop requests (their partition was revoked); unknown or finished ids are ignored. No Finished is
+        returned for an aborted request afterwards."""
         ...
 
-    def has_unfinished(self) -> bool: ...
+    def has_unfinished(self) -> bool:
+        """Whether any request added is still unfinished (stepping is needed to finish it)."""
+        ...
 
     def in_flight_budget(self) -> InFlightBudget | None:
-        """Sequences and KV tokens the engine holds at once, or None where memory does not bound it."""
+        """Sequences and KV tokens the engine holds at once without preempting, from what it really allocated,
+        or None where memory does not bound it."""
         ...
 
 

@@ -3,15 +3,20 @@
 It scores each sentence of the packed results by how much of the query it covers (words for spaced scripts,
 character bigrams for Hangul and CJK, so Korean works), weighted towards higher-ranked results, and returns the
 best few sentences in rank order with their citations. No GPU, no weights: the whole loop runs anywhere.
+
+It is also a StreamingEngine, so GENERATION_MODE=continuous (and its fault suite) runs on a CPU: a request added
+finishes after a number of steps derived from its prompt length (1 + prompt tokens mod 4), so requests finish
+out of order as vLLM's do. The summary itself is made by generate() when the request finishes, so a subclass
+that slows down or poisons generate() slows down or poisons step() the same way.
 """
 
 from __future__ import annotations
 
 import re
 import zlib
-from typing import Sequence
+from typing import Iterable, Sequence
 
-from processor.engines.base import ChatMessage, EventGenerationError, Generation, Prompt
+from processor.engines.base import ChatMessage, EventGenerationError, Finished, Generation, Prompt
 
 _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+|(?<=다\.)|\n+")
@@ -68,11 +73,16 @@ def _sentences(text: str) -> list[str]:
 class ExtractiveEngine:
     kind = "extractive"
 
+    # Steps a request stays in flight: 1 + prompt tokens mod STEPS_SPREAD (out-of-order finishing, like vLLM).
+    STEPS_SPREAD = 4
+
     def __init__(self, max_sentences: int = 4, max_chars: int = 900) -> None:
         self.model = "extractive-v1"
         self.tokenizer = RegexTokenizer()
         self.max_sentences = max_sentences
         self.max_chars = max_chars
+        # Continuous mode: request id → [steps left, prompt], in the order added.
+        self._in_flight: dict[str, list] = {}
 
     def generate(self, prompts: Sequence[Prompt]) -> list[Generation | EventGenerationError]:
         return [self._summarise(prompt) for prompt in prompts]
@@ -80,8 +90,40 @@ class ExtractiveEngine:
     def capacity(self) -> None:
         return None
 
-    def close(self) -> None:
+    # ------------------------------------------------------------------------ StreamingEngine (continuous)
+    def add_request(self, request_id: str, prompt: Prompt) -> None:
+        if request_id in self._in_flight:
+            raise ValueError(f"request {request_id!r} is already in flight")
+        self._in_flight[request_id] = [1 + prompt.prompt_tokens % self.STEPS_SPREAD, prompt]
+
+    def step(self) -> list[Finished]:
+        done: list[tuple[str, Prompt]] = []
+        for request_id, entry in self._in_flight.items():
+            entry[0] -= 1
+            if entry[0] <= 0:
+                done.append((request_id, entry[1]))
+        if not done:
+            return []
+        # One generate() for all that finish in this step: an override that raises fails the step as a whole
+        # (like a CUDA error), one that sleeps makes the step slow. Requests stay in flight if it raises.
+        outcomes = self.generate([prompt for _, prompt in done])
+        for request_id, _ in done:
+            del self._in_flight[request_id]
+        return [Finished(request_id, outcome) for (request_id, _), outcome in zip(done, outcomes)]
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        for request_id in request_ids:
+            self._in_flight.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._in_flight)
+
+    def in_flight_budget(self) -> None:
+        """No KV cache: memory does not bound how many requests are in flight (the feed's default applies)."""
         return None
+
+    def close(self) -> None:
+        self._in_flight.clear()
 
     def _summarise(self, prompt: Prompt) -> Generation | EventGenerationError:
         query_terms = _terms(prompt.event.query)

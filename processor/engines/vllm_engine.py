@@ -1,16 +1,38 @@
-"""ENGINE=vllm: vLLM 0.6.3's offline `LLM.generate()`, configured as the ADR decided.
+"""ENGINE=vllm: vLLM's offline `LLM`, configured as the ADR decided; micro-batches or a continuous feed.
 
-Facts this relies on (read from the 0.6.3 wheel):
-* `VLLM_USE_V1` must be in the environment before vllm is first imported (0.6.3 has no V1 engine; the guard is
-  for upgrades), so vllm is imported lazily, here, after setting it.
+Two supported vLLM versions, one code path: 0.6.3 (the ADR's, V0 engine; requirements.txt) and 0.24.0 (current,
+V1 engine only; requirements-vllm-current.txt). Facts this relies on, read from each wheel's own source
+(0.6.3: vllm/engine/llm_engine.py, vllm/entrypoints/llm.py; 0.24.0: vllm/v1/engine/llm_engine.py,
+vllm/entrypoints/offline_utils.py, vllm/v1/engine/input_processor.py, vllm/v1/engine/core_client.py):
+
+* `VLLM_USE_V1` must be in the environment before vllm is first imported where it means something (0.6.3 has no
+  V1 engine, the guard is for 0.8-0.10 upgrades), so vllm is imported lazily, here, after setting it. From 0.11
+  on V1 is the only engine and 0.24.0's envs.py no longer knows the variable (it logs "Unknown vLLM environment
+  variable"): the installed version is read with importlib.metadata before the import and the variable is
+  dropped there, with one warning of our own if it asked for V0.
 * `max_model_len`, `max_num_seqs`, `enable_prefix_caching` travel through `LLM(**kwargs)` into EngineArgs.
+  Prefix caching defaults to off in 0.6.3 and on in V1 (config/cache.py: enable_prefix_caching=True; EngineArgs
+  picks the model's default): it is always passed explicitly, so both versions run what the settings say.
 * Prompts go in as `TokensPrompt(prompt_token_ids=…)` built with the model's chat template, so the count the
-  batcher used is what vLLM schedules. Outputs come back in input order, one RequestOutput per prompt.
-* A prompt longer than max_model_len does not raise: it comes back with finish_reason="length", empty text and
-  no token ids. That is this event's failure, never a summary.
+  batcher used is what vLLM schedules. generate() returns outputs in input order (both versions sort by id).
+* A prompt longer than max_model_len: 0.6.3 does not raise, it returns finish_reason="length" with empty text
+  and no token ids (scheduler FINISHED_IGNORED); V1 raises ValueError("The decoder prompt (length N) is longer
+  than the maximum model length of M") from add_request/generate. Both are this event's failure
+  (PromptIgnoredError), never a summary.
 * generate() mutates the SamplingParams it gets, so each call builds its own.
-* With `quantization="awq"` vLLM keeps the plain AWQ kernels. Left empty (VLLM_QUANTIZATION=), an AWQ checkpoint
-  is upgraded to `awq_marlin` on GPUs of compute capability ≥ 8.0 (an RTX 4070 is 8.9), the faster kernels.
+* Continuous feed, the engine under `LLM` (`llm.llm_engine`), same names in both versions:
+  `add_request(request_id, prompt, params)` positionally (0.6.3: request_id, prompt, params, arrival_time, …;
+  V1: request_id, prompt, params, arrival_time, lora_request, tokenization_kwargs, …; V1 returns an internal
+  id with a random suffix but reports and aborts by the id we gave); `step()` → list[RequestOutput], which with
+  output_kind=FINAL_ONLY (what LLM.generate sets) holds only finished requests, in any order;
+  `abort_request(ids)` takes a list in both (0.6.3 accepts str or iterable; V1 iterates its argument, so a bare
+  str would be read as one id per character); `has_unfinished_requests()`.
+* The KV cache vLLM really allocated, once started: 0.6.3 `llm_engine.cache_config.num_gpu_blocks` × block_size
+  (admission keeps 1 % of the blocks free: block manager watermark=0.01) and `llm_engine.scheduler_config
+  .max_num_seqs`; V1 the same fields under `llm_engine.vllm_config`, filled in the front-end process from the
+  engine core's ready message (core_client.py `_apply_ready_response`); block 0 is V1's null block.
+* With `quantization="awq"` 0.6.3 keeps the plain AWQ kernels (V1 runs Marlin-family kernels). Left empty
+  (VLLM_QUANTIZATION=), an AWQ checkpoint is upgraded to `awq_marlin` on GPUs of compute capability ≥ 8.0.
 * A GPU that cannot hold the model raises ValueError("No available memory for the cache blocks…") or says the
   max seq len is larger than the KV cache; that becomes an EngineStartupError naming the two settings.
 """
@@ -19,18 +41,33 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Sequence
+import re
+from importlib import metadata
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from processor.capacity import CapacityPlan, plan_for
-from processor.engines.base import EngineStartupError, EventGenerationError, Generation, Prompt
+from processor.engines.base import (
+    EngineStartupError,
+    EventGenerationError,
+    Finished,
+    Generation,
+    InFlightBudget,
+    Prompt,
+)
 from processor.engines.hf_tokenizer import HFChatTokenizer
 from processor.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# V0 was removed in vLLM 0.11.0: from there on V1 is the only engine and VLLM_USE_V1 means nothing.
+V1_ONLY_SINCE = (0, 11)
+# 0.6.3's block manager keeps this share of the KV blocks free when it admits a prompt (watermark=0.01).
+V0_WATERMARK = 0.01
+
 
 class PromptIgnoredError(EventGenerationError):
-    """vLLM returned no tokens with finish_reason="length": it refused the prompt as longer than max_model_len."""
+    """vLLM refused the prompt as longer than max_model_len: 0.6.3 answers with no tokens and
+    finish_reason="length"; V1 raises ValueError from add_request."""
 
 
 def llm_kwargs(settings: Settings) -> dict[str, Any]:
@@ -42,6 +79,7 @@ def llm_kwargs(settings: Settings) -> dict[str, Any]:
         "max_model_len": settings.max_model_len,
         "tensor_parallel_size": settings.vllm_tensor_parallel_size,
         "max_num_seqs": settings.vllm_max_num_seqs,
+        # Explicit in both versions: the default is off in 0.6.3 and on in V1.
         "enable_prefix_caching": settings.vllm_enable_prefix_caching,
         "seed": settings.seed,
     }
@@ -55,16 +93,57 @@ def sampling_kwargs(settings: Settings) -> dict[str, Any]:
     }
 
 
-def import_vllm(settings: Settings) -> Any:
+def installed_vllm_version() -> tuple[int, ...] | None:
+    """vLLM's version from its installed metadata, read without importing it (VLLM_USE_V1 must be settled
+    first); None where it is not installed as a distribution (a test double on sys.path)."""
+    try:
+        text = metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        return None
+    parts: list[int] = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = re.match(r"\d+", piece)  # "0rc1" → 0
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts) or None
+
+
+def configure_engine_selection(settings: Settings, version: tuple[int, ...] | None) -> None:
+    """Set VLLM_USE_V1 where it selects an engine; drop it where V1 is the only one."""
+    if version is not None and version >= V1_ONLY_SINCE:
+        explicit = "VLLM_USE_V1" in os.environ or "vllm_use_v1" in settings.model_fields_set
+        os.environ.pop("VLLM_USE_V1", None)  # unknown to these versions: vLLM would warn about it at start-up
+        if explicit and settings.vllm_use_v1 == 0:
+            log.warning(
+                "VLLM_USE_V1=0 is ignored: vLLM %s has only the V1 engine (V0 was removed in 0.11)",
+                ".".join(map(str, version)),
+            )
+        return
     # Must precede the first import of vllm anywhere in the process.
     os.environ["VLLM_USE_V1"] = str(settings.vllm_use_v1)
+
+
+def import_vllm(settings: Settings) -> Any:
+    configure_engine_selection(settings, installed_vllm_version())
     try:
         import vllm
     except ImportError as exc:
         raise EngineStartupError(
-            f"ENGINE=vllm needs vllm==0.6.3 (the GPU image's requirements.txt): {exc}"
+            "ENGINE=vllm needs vllm==0.6.3 (the GPU image's requirements.txt) or the current vLLM "
+            f"(requirements-vllm-current.txt): {exc}"
         ) from None
     return vllm
+
+
+def _final_only(vllm_module: Any) -> Any | None:
+    """RequestOutputKind.FINAL_ONLY (vllm.sampling_params in 0.6.3 and V1): step() then reports a request once,
+    when it finishes, instead of building a cumulative output for every running request at every step."""
+    try:
+        from vllm.sampling_params import RequestOutputKind
+    except ImportError:
+        return getattr(getattr(vllm_module, "RequestOutputKind", None), "FINAL_ONLY", None)
+    return RequestOutputKind.FINAL_ONLY
 
 
 class VllmEngine:
@@ -76,6 +155,11 @@ class VllmEngine:
         self.settings = settings
         self.model = settings.model
         self.tokenizer = HFChatTokenizer(llm.get_tokenizer())
+        # Per-request sampling overrides (a benchmark's controlled output lengths: max_tokens with ignore_eos);
+        # None in the product, where every request samples with the settings' parameters.
+        self.sampling_override: Callable[[Prompt], Mapping[str, Any]] | None = None
+        self._streaming: dict[str, int] = {}  # request id → prompt tokens, for requests added and unfinished
+        self._budget_logged = False
 
     @classmethod
     def from_settings(cls, settings: Settings, llm_factory: Callable[..., Any] | None = None) -> "VllmEngine":
@@ -106,37 +190,133 @@ class VllmEngine:
         plan = engine.capacity()
         if plan is not None:
             log.info("capacity plan:\n%s", plan.report())
+        engine.in_flight_budget()  # logs what vLLM really allocated
         return engine
 
+    # ------------------------------------------------------------------------------------------ shared
+    def _sampling_params(self, prompt: Prompt) -> Any:
+        kwargs = sampling_kwargs(self.settings)
+        if self.sampling_override is not None:
+            kwargs.update(self.sampling_override(prompt))
+        return self.vllm.SamplingParams(**kwargs)
+
+    def _outcome(self, output: Any, prompt_tokens: int) -> Generation | EventGenerationError:
+        """One finished RequestOutput → this event's summary or failure (generate() and step() alike)."""
+        completion = output.outputs[0] if output.outputs else None
+        if completion is None:
+            return EventGenerationError("vLLM finished the request without a completion")
+        if completion.finish_reason == "length" and not len(completion.token_ids) and not completion.text:
+            return self._ignored(prompt_tokens)
+        if completion.finish_reason == "abort":
+            return EventGenerationError("vLLM aborted the request")
+        if completion.finish_reason == "error":  # V1: a request-level internal error
+            return EventGenerationError("vLLM reported an internal error for the request")
+        return Generation(
+            completion.text,
+            completion.finish_reason or "stop",
+            len(output.prompt_token_ids or ()) or prompt_tokens,
+            len(completion.token_ids),
+        )
+
+    def _ignored(self, prompt_tokens: int) -> PromptIgnoredError:
+        return PromptIgnoredError(
+            f"vLLM ignored the prompt ({prompt_tokens} tokens): longer than "
+            f"VLLM_MAX_MODEL_LEN={self.settings.max_model_len}"
+        )
+
+    def _rejected(self, prompt: Prompt, exc: ValueError) -> EventGenerationError:
+        """A ValueError from add_request is about this request's input (V1 validates the prompt there; 0.6.3
+        raises "Prompt cannot be empty")."""
+        text = str(exc)
+        if "longer than the maximum model length" in text or "too long" in text:
+            return self._ignored(prompt.prompt_tokens)
+        return EventGenerationError(f"vLLM refused the prompt: {text}")
+
+    # ------------------------------------------------------------------------------------- micro-batch
     def generate(self, prompts: Sequence[Prompt]) -> list[Generation | EventGenerationError]:
         requests = [self.vllm.TokensPrompt(prompt_token_ids=list(p.token_ids)) for p in prompts]
-        params = self.vllm.SamplingParams(**sampling_kwargs(self.settings))
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        if self.sampling_override is None:
+            params: Any = self.vllm.SamplingParams(**sampling_kwargs(self.settings))
+        else:
+            params = [self._sampling_params(p) for p in prompts]
+        try:
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+        except ValueError as exc:
+            # V1 validates every prompt before running any: an over-long one fails the whole call. Re-raised as
+            # the batch's failure, bisection (isolation.py) narrows it to the one event.
+            if len(prompts) == 1:
+                return [self._rejected(prompts[0], exc)]
+            raise
         if len(outputs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
-        results: list[Generation | EventGenerationError] = []
-        for prompt, output in zip(prompts, outputs):  # 0.6.3 returns outputs in input order
-            completion = output.outputs[0]
-            if completion.finish_reason == "length" and not completion.token_ids and not completion.text:
-                results.append(
-                    PromptIgnoredError(
-                        f"vLLM ignored the prompt ({prompt.prompt_tokens} tokens): longer than "
-                        f"VLLM_MAX_MODEL_LEN={self.settings.max_model_len}"
-                    )
-                )
-            elif completion.finish_reason == "abort":
-                results.append(EventGenerationError("vLLM aborted the request"))
-            else:
-                results.append(
-                    Generation(
-                        completion.text,
-                        completion.finish_reason or "stop",
-                        len(output.prompt_token_ids or prompt.token_ids),
-                        len(completion.token_ids),
-                    )
-                )
-        return results
+        # Both versions return outputs in input order (sorted by their numeric request id).
+        return [self._outcome(output, prompt.prompt_tokens) for prompt, output in zip(prompts, outputs)]
 
+    # -------------------------------------------------------------------------------------- continuous
+    def add_request(self, request_id: str, prompt: Prompt) -> None:
+        if request_id in self._streaming:
+            raise ValueError(f"request {request_id!r} is already in flight")
+        params = self._sampling_params(prompt)
+        final_only = _final_only(self.vllm)
+        if final_only is not None:
+            params.output_kind = final_only
+        try:
+            # Positional: (request_id, prompt, params) in 0.6.3 and V1 alike.
+            self.llm.llm_engine.add_request(
+                request_id, self.vllm.TokensPrompt(prompt_token_ids=list(prompt.token_ids)), params
+            )
+        except ValueError as exc:
+            raise self._rejected(prompt, exc) from None
+        self._streaming[request_id] = prompt.prompt_tokens
+
+    def step(self) -> list[Finished]:
+        finished: list[Finished] = []
+        for output in self.llm.llm_engine.step():
+            if not output.finished:
+                continue
+            prompt_tokens = self._streaming.pop(output.request_id, None)
+            if prompt_tokens is None:  # aborted meanwhile, or not one of ours
+                continue
+            finished.append(Finished(output.request_id, self._outcome(output, prompt_tokens)))
+        return finished
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        ids = [i for i in request_ids if self._streaming.pop(i, None) is not None]
+        if ids:
+            # Always a list: V1's abort_request iterates its argument (a str would abort one id per character).
+            self.llm.llm_engine.abort_request(ids)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.llm.llm_engine.has_unfinished_requests())
+
+    def in_flight_budget(self) -> InFlightBudget | None:
+        """Sequences and KV tokens vLLM really allocated (known once the engine has started), or None."""
+        try:
+            engine = self.llm.llm_engine
+            v1_config = getattr(engine, "vllm_config", None)
+            config = v1_config if v1_config is not None else engine  # V1 keeps the configs under vllm_config
+            cache, scheduler = config.cache_config, config.scheduler_config
+            blocks, block_size, max_sequences = int(cache.num_gpu_blocks), int(cache.block_size), int(scheduler.max_num_seqs)
+        except (AttributeError, TypeError, ValueError):
+            return None
+        if blocks <= 0 or block_size <= 0 or max_sequences <= 0:
+            return None
+        if v1_config is not None:
+            # V1: one null block; its watermark (scheduler_config.watermark) defaults to 0.
+            reserved = 1 + int(float(getattr(scheduler, "watermark", 0.0) or 0.0) * blocks)
+        else:
+            reserved = int(V0_WATERMARK * blocks)
+        budget = InFlightBudget(max_sequences, max(block_size, (blocks - reserved) * block_size), block_size)
+        if not self._budget_logged:
+            self._budget_logged = True
+            log.info(
+                "vLLM KV cache: %d GPU blocks × %d tokens = %d tokens (%d usable without preemption), "
+                "max_num_seqs %d",
+                blocks, block_size, blocks * block_size, budget.kv_tokens, max_sequences,
+            )
+        return budget
+
+    # -------------------------------------------------------------------------------------------- rest
     def capacity(self) -> CapacityPlan | None:
         """From the model's own config and the GPU's memory; vLLM's real block count is logged beside it."""
         try:
@@ -147,10 +327,8 @@ class VllmEngine:
             total = torch.cuda.get_device_properties(0).total_memory
         except Exception:  # noqa: BLE001 - planning is advice; its absence must not stop the worker
             return None
-        cache = getattr(engine, "cache_config", None)
-        if cache is not None and getattr(cache, "num_gpu_blocks", None):
-            log.info("vLLM KV cache: %d GPU blocks × %d tokens", cache.num_gpu_blocks, cache.block_size)
         return plan_for(config, total, self.settings, self.settings.vllm_quantization)
 
     def close(self) -> None:
+        self._streaming.clear()
         self.llm = None

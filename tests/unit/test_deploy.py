@@ -111,3 +111,35 @@ def test_grafana_dashboard_queries_metrics_that_exist():
     used = {m for panel in dashboard["panels"] for t in panel["targets"] for m in re.findall(r"ai_worker_\w+", t["expr"])}
     base = {re.sub(r"_(total|bucket|sum|count)$", "", m) for m in used}
     assert base <= names, base - names
+
+
+def pins_of(name):
+    lines = [line.split("#")[0].strip() for line in (ROOT / name).read_text().splitlines()]
+    return dict(line.split("==") for line in lines if "==" in line)
+
+
+def test_the_dockerfile_builds_either_vllm_from_one_requirements_argument():
+    text = (ROOT / "Dockerfile").read_text()
+    arg = re.search(r"^ARG REQUIREMENTS=(\S+)$", text, re.M)
+    assert arg and arg.group(1) == "requirements.txt", "the ADR's vLLM 0.6.3 stays the default"
+    copy = re.search(r"^COPY \$\{REQUIREMENTS\} requirements\.txt$", text, re.M)
+    install = text.index("pip install -r requirements.txt")
+    assert copy and arg.start() < copy.start() < install
+    assert "--build-arg REQUIREMENTS=requirements-vllm-current.txt" in text
+    assert "requirements-vllm-current.txt" not in (ROOT / ".dockerignore").read_text()
+
+
+def test_the_current_vllm_requirements_are_a_consistent_set():
+    adr, current = pins_of("requirements.txt"), pins_of("requirements-vllm-current.txt")
+    assert adr["vllm"] == "0.6.3" and current["vllm"] == "0.24.0"
+    # What vllm 0.24.0's METADATA asks for: transformers>=5.5.3, tokenizers>=0.21.1, pydantic>=2.12.
+    major, minor, patch = (int(x) for x in current["transformers"].split("."))
+    assert (major, minor, patch) >= (5, 5, 3)
+    assert tuple(int(x) for x in current["tokenizers"].split(".")) >= (0, 21, 1)
+    assert tuple(int(x) for x in current["pydantic"].split(".")) >= (2, 12)
+    requirement_lines = [line for line in (ROOT / "requirements-vllm-current.txt").read_text().splitlines() if not line.startswith("#")]
+    assert not any(line.startswith("numpy") for line in requirement_lines), "numpy<2 was 0.6.3's constraint; 0.24 leaves it to vLLM"
+    # Everything else the worker needs is pinned identically in both images.
+    shared = set(adr) - {"vllm", "transformers", "tokenizers"}
+    assert {k: current.get(k) for k in shared} == {k: adr[k] for k in shared}
+    assert set(current) - set(adr) == set(), "nothing extra beyond the vLLM stack"

@@ -9,13 +9,29 @@ What it reproduces, because the engine depends on it:
 * A prompt longer than max_model_len: no exception, a RequestOutput with finish_reason="length", text "" and no
   token ids (0.6.3's scheduler marks it FINISHED_IGNORED).
 * Start-up on a GPU that cannot hold the model: ValueError("No available memory for the cache blocks. …").
+* `LLM.llm_engine`, the LLMEngine underneath (what a continuous feed drives): `add_request(request_id, prompt,
+  params, arrival_time=None, …, *, inputs=None)`, `step()`, `abort_request(str | Iterable[str])`,
+  `has_unfinished_requests()`, `get_num_unfinished_requests()`, `cache_config.num_gpu_blocks/block_size` (the
+  real count is known only once started; `num_gpu_blocks_override` sets it, as in EngineArgs) and
+  `scheduler_config.max_num_seqs`. Scheduling as 0.6.3 does it without chunked prefill: FCFS from the waiting
+  queue while a sequence slot and the prompt's blocks are free (keeping the 1 % watermark); every running
+  request gains one token per step (its prefill step gives the first); a running request that needs a block
+  when none is free preempts the newest running one (recompute: back to waiting, its tokens dropped), counted in
+  `preemptions`. A request's output length is deterministic per prompt (1 + sum(ids) % 8, or max_tokens with
+  ignore_eos), so requests finish OUT OF ORDER. With output_kind FINAL_ONLY a step returns finished requests
+  only, else one output per running request. A prompt longer than max_model_len comes back, finished, with the
+  empty "length" answer. `fail_for_token` applies to step() too: it raises while such a prompt is running.
+  `step_log` records (running, waiting, KV tokens held, blocks used) at every step.
+* generate() steps the same engine, as 0.6.3's LLM._run_engine does: it refuses to run while requests added
+  directly are unfinished (the real one would step them and return them mixed with its own).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, List, Optional, TypedDict
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Iterable, List, Optional, TypedDict, Union
 
 __version__ = "0.6.3"
 IMPORTED_WITH_USE_V1 = os.environ.get("VLLM_USE_V1")  # what the environment said when vllm was first imported
@@ -29,12 +45,20 @@ class TokensPrompt(TypedDict, total=False):
     mm_processor_kwargs: Any
 
 
+class RequestOutputKind(Enum):  # vllm.sampling_params.RequestOutputKind
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
 class SamplingParams:
     def __init__(self, n: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, seed: Optional[int] = None,
-                 max_tokens: Optional[int] = 16, min_tokens: int = 0, truncate_prompt_tokens: Optional[int] = None, **kwargs: Any) -> None:
+                 ignore_eos: bool = False, max_tokens: Optional[int] = 16, min_tokens: int = 0,
+                 truncate_prompt_tokens: Optional[int] = None, **kwargs: Any) -> None:
         self.n, self.temperature, self.top_p, self.top_k, self.seed = n, temperature, top_p, top_k, seed
+        self.ignore_eos = ignore_eos
         self.max_tokens, self.min_tokens, self.truncate_prompt_tokens = max_tokens, min_tokens, truncate_prompt_tokens
-        self.output_kind = "CUMULATIVE"
+        self.output_kind = RequestOutputKind.CUMULATIVE
         self.extra = kwargs
 
 
@@ -74,7 +98,8 @@ class LLM:
         self.max_model_len = kwargs.get("max_model_len") or 32768
         self._tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
         self.calls: list[tuple[list[Any], SamplingParams]] = []
-        self.fail_for_token: Optional[int] = None  # a test sets it: generate() raises when any prompt contains it
+        self.fail_for_token: Optional[int] = None  # a test sets it: generate() and step() raise for a prompt with it
+        self.llm_engine = LLMEngine(self, kwargs)
         CREATED.append(self)
 
     def get_tokenizer(self) -> Any:
@@ -92,7 +117,10 @@ class LLM:
         if isinstance(params, list) and len(params) != len(prompts):
             raise ValueError("The lengths of prompts and sampling_params must be the same.")
         for p in params if isinstance(params, list) else [params]:
-            p.output_kind = "FINAL_ONLY"
+            p.output_kind = RequestOutputKind.FINAL_ONLY
+        if self.llm_engine.has_unfinished_requests():
+            raise AssertionError("generate() while requests added to llm_engine are unfinished: 0.6.3's _run_engine "
+                                 "would step them too and return them mixed with this call's outputs")
         self.calls.append((list(prompts), params))
         outputs = []
         for index, prompt in enumerate(prompts):
@@ -110,3 +138,140 @@ class LLM:
                                               "length" if len(token_ids) >= (p.max_tokens or 16) else "stop", None)
             outputs.append(RequestOutput(str(index), None, list(ids), None, [completion], True))
         return outputs
+
+
+# --------------------------------------------------------------------------------------------- engine API
+@dataclass
+class CacheConfig:
+    block_size: int
+    num_gpu_blocks: Optional[int]
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int
+    max_model_len: int
+
+
+@dataclass
+class _Request:
+    request_id: str
+    ids: List[int]
+    params: Any
+    target: int  # tokens it will generate
+    generated: List[int] = field(default_factory=list)
+
+
+class LLMEngine:
+    WATERMARK = 0.01  # 0.6.3's block manager default
+
+    def __init__(self, llm: "LLM", kwargs: dict) -> None:
+        self.llm = llm
+        self.cache_config = CacheConfig(block_size=kwargs.get("block_size", 16), num_gpu_blocks=kwargs.get("num_gpu_blocks_override", 2048))
+        self.scheduler_config = SchedulerConfig(max_num_seqs=kwargs.get("max_num_seqs", 256), max_model_len=llm.max_model_len)
+        self.waiting: List[_Request] = []
+        self.running: List[_Request] = []
+        self.preemptions = 0
+        self.steps = 0
+        self.step_log: list[tuple[int, int, int, int]] = []  # (running, waiting, KV tokens held, blocks used)
+        self.aborted: list[list[str]] = []  # each abort_request call's ids, as given
+        self.fail_step_with: Optional[BaseException] = None  # a test sets it: the next step() raises it
+
+    # 0.6.3: add_request(request_id, prompt, params, arrival_time=None, lora_request=None, trace_headers=None,
+    #                    prompt_adapter_request=None, priority=0, *, inputs=None)
+    def add_request(self, request_id: str, prompt: Any = None, params: Any = None, arrival_time: Optional[float] = None,
+                    lora_request: Any = None, trace_headers: Any = None, prompt_adapter_request: Any = None, priority: int = 0,
+                    *, inputs: Any = None) -> None:
+        prompt = inputs if inputs is not None else prompt
+        assert prompt is not None and params is not None
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a string, got {type(request_id)}")
+        if any(r.request_id == request_id for r in self.waiting + self.running):
+            raise AssertionError(f"request id {request_id!r} is already unfinished (the double refuses duplicates)")
+        ids = list(prompt["prompt_token_ids"]) if isinstance(prompt, dict) else self.llm._tokenizer.encode(prompt)
+        if not ids:
+            raise ValueError("Prompt cannot be empty")
+        target = params.max_tokens or 16
+        if not params.ignore_eos:
+            target = min(target, 1 + sum(ids) % 8)
+        self.waiting.append(_Request(request_id, ids, params, target))
+
+    def abort_request(self, request_id: Union[str, Iterable[str]]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        self.aborted.append(ids)
+        self.waiting = [r for r in self.waiting if r.request_id not in ids]
+        self.running = [r for r in self.running if r.request_id not in ids]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def _blocks(self, request: _Request, extra: int = 0) -> int:
+        size = self.cache_config.block_size
+        return -(-(len(request.ids) + len(request.generated) + extra) // size)
+
+    def step(self) -> List[RequestOutput]:
+        if self.fail_step_with is not None:
+            error, self.fail_step_with = self.fail_step_with, None
+            raise error
+        self.steps += 1
+        total = self.cache_config.num_gpu_blocks or 0
+        watermark = int(self.WATERMARK * total)
+        outputs: List[RequestOutput] = []
+        # Running requests first: each needs room for one more token; without a free block, preempt the newest.
+        used = sum(self._blocks(r) for r in self.running)
+        for request in list(self.running):
+            if request not in self.running:
+                continue
+            need = self._blocks(request, 1) - self._blocks(request)
+            while need and used + need > total and self.running:
+                victim = self.running.pop()
+                used -= self._blocks(victim)
+                victim.generated = []
+                self.waiting.insert(0, victim)
+                self.preemptions += 1
+                if victim is request:
+                    need = 0
+                    break
+            if request in self.running:
+                used += need
+        decoding = list(self.running)
+        # Then admit waiting prompts (FCFS) while a slot and their blocks (above the watermark) are free.
+        prefilled: List[_Request] = []
+        while self.waiting and len(self.running) < self.scheduler_config.max_num_seqs:
+            request = self.waiting[0]
+            if len(request.ids) > self.scheduler_config.max_model_len:  # 0.6.3: FINISHED_IGNORED
+                self.waiting.pop(0)
+                outputs.append(RequestOutput(request.request_id, None, request.ids, None, [CompletionOutput(0, "", [], None, None, "length")], True))
+                continue
+            need = self._blocks(request, 1)
+            if total - used - need < watermark:
+                break
+            self.waiting.pop(0)
+            self.running.append(request)
+            prefilled.append(request)
+            used += need
+        if self.llm.fail_for_token is not None and any(self.llm.fail_for_token in r.ids for r in self.running):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        for request in decoding + prefilled:
+            request.generated.append(request.ids[-1 - (len(request.generated) % len(request.ids))])
+        held = sum(len(r.ids) + len(r.generated) for r in self.running)
+        self.step_log.append((len(self.running), len(self.waiting), held, used))
+        final_only = lambda r: r.params.output_kind == RequestOutputKind.FINAL_ONLY  # noqa: E731
+        for request in list(self.running):
+            done = len(request.generated) >= request.target
+            if done:
+                self.running.remove(request)
+            if done or not final_only(request):
+                outputs.append(self._output(request, done))
+        return outputs
+
+    def _output(self, request: _Request, finished: bool) -> RequestOutput:
+        tokens = list(request.generated)
+        text = "summary: " + self.llm._tokenizer.decode(tokens, skip_special_tokens=True)
+        reason = None
+        if finished:
+            reason = "length" if len(tokens) >= (request.params.max_tokens or 16) else "stop"
+        return RequestOutput(request.request_id, None, request.ids, None, [CompletionOutput(0, text, tokens, -1.0, None, reason)], finished)
