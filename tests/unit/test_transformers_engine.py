@@ -13,7 +13,8 @@ from tests.helpers import make_event
 
 
 def settings(model_dir, **overrides):
-    values = {"engine": "transformers", "transformers_model": str(model_dir), "sampling_max_tokens": 12, "vllm_max_model_len": 2048}
+    values = {"engine": "transformers", "transformers_model": str(model_dir), "sampling_max_tokens": 12, "vllm_max_model_len": 2048,
+              "generation_mode": "micro_batch"}
     values.update(overrides)
     return load_settings(**values)
 
