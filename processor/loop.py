@@ -120,7 +120,7 @@ class Worker:
         self._full_since: float | None = None
         self._stop = threading.Event()
         self._lag_observed_at = 0.0
-        self._idle_reported = 0.0
+        self._idle_reported = self._busy_reported = 0.0
         self._reported_at = time.monotonic()
         self._unassigned_warned_at = time.monotonic()
         self.totals = {"consumed": 0, "summaries": 0, "dead_letters": 0, "prompt_tokens": 0, "completion_tokens": 0}
@@ -402,9 +402,10 @@ class Worker:
         if now - self._lag_observed_at < LAG_EVERY_S:
             return
         self._lag_observed_at = now
-        idle = self.scheduler.idle_seconds
+        idle, busy = self.scheduler.idle_seconds, self.scheduler.busy_seconds
         self.metrics.engine_idle_for(max(0.0, idle - self._idle_reported))
-        self._idle_reported = idle
+        self.metrics.engine_busy_for(max(0.0, busy - self._busy_reported))
+        self._idle_reported, self._busy_reported = idle, busy
         for topic, partition in self.ownership.partitions:
             try:
                 # cached=True: the watermark the last fetch brought back; no extra request to the broker.

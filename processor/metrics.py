@@ -65,7 +65,6 @@ class Metrics:
         """One engine call (micro-batch) or one finished request (continuous)."""
         self.batch_size.observe(stats.events)
         self.batch_latency.observe(stats.seconds)
-        self.engine_busy.inc(stats.seconds)
         self.prompt_tokens.inc(stats.prompt_tokens)
         self.completion_tokens.inc(stats.completion_tokens)
         if stats.seconds > 0:
@@ -73,6 +72,9 @@ class Metrics:
 
     def engine_idle_for(self, seconds: float) -> None:
         self.engine_idle.inc(seconds)
+
+    def engine_busy_for(self, seconds: float) -> None:
+        self.engine_busy.inc(seconds)
 
     def acknowledged(self, record: "OutgoingRecord") -> None:
         from processor.records import parse_dead_letter

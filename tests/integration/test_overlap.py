@@ -1,5 +1,6 @@
 """The overlap: while the engine generates batch N, batch N+1 is consumed and prepared and batch N−1 published and
-committed; at most one batch waits; commits stay in order; partitions are paused while the queue stays full."""
+committed; at most one batch waits; commits stay in order; partitions are paused while the queue stays full.
+Micro-batch mode's own behaviour (continuous mode has no batches; tests/unit/test_continuous.py covers its feed)."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def test_next_batch_is_prepared_and_previous_committed_while_the_engine_generate
     create_topics(broker, topics, partitions=2)
     placements = produce(broker, topics["input"], [make_event(i) for i in range(60)])
     engine = ObservedEngine(1.5)
-    settings = settings_for(broker, topics, batch_max_records=10, batch_max_wait_ms=50)
+    settings = settings_for(broker, topics, batch_max_records=10, batch_max_wait_ms=50, generation_mode="micro_batch")
     log = CommitLog(real_consumer(settings))
     worker = Worker(settings, engine, consumer=log)
     engine.worker = worker
@@ -98,7 +99,7 @@ def test_brief_backpressure_does_not_pause(broker, topics):
     """A fast engine: the queue is full only for moments, so partitions are never paused (no refetch churn)."""
     create_topics(broker, topics, partitions=2)
     produce(broker, topics["input"], [make_event(i) for i in range(400)])
-    settings = settings_for(broker, topics, batch_max_records=20, batch_max_wait_ms=20)
+    settings = settings_for(broker, topics, batch_max_records=20, batch_max_wait_ms=20, generation_mode="micro_batch")
     log = CommitLog(real_consumer(settings))
     worker = Worker(settings, ExtractiveEngine(), consumer=log)
     assert run_until(worker, lambda: worker.records_committed >= 400) == 0
