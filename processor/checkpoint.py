@@ -174,6 +174,10 @@ class OffsetTracker:
         for tp in tps:
             self._partitions.pop(tp, None)
 
+    def __len__(self) -> int:
+        """Records read and not yet committed."""
+        return sum(len(partition.entries) for partition in self._partitions.values())
+
     def counts(self) -> dict[State, int]:
         totals = {state: 0 for state in State}
         for partition in self._partitions.values():

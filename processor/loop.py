@@ -19,6 +19,7 @@ the loop keeps calling poll(), so the consumer never exceeds max.poll.interval.m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -131,9 +132,17 @@ class Worker:
         if self.continuous:
             from processor.continuous import ContinuousFeed
 
-            feed = ContinuousFeed(self.engine, budget=self.engine.in_flight_budget(), max_new_tokens=self.settings.sampling_max_tokens)  # type: ignore[attr-defined]
+            budget = self.engine.in_flight_budget()  # type: ignore[attr-defined]
+            if budget is not None and self.settings.batch_max_records:  # an explicit BATCH_MAX_RECORDS caps the window
+                budget = dataclasses.replace(budget, max_sequences=min(budget.max_sequences, self.settings.batch_max_records))
+            feed = ContinuousFeed(self.engine, budget=budget, max_new_tokens=self.settings.sampling_max_tokens,
+                                  max_sequences_default=self.limits.max_records)
+            # Out-of-order completion: bound what is read but not yet committed (and so what a crash can duplicate)
+            # to twice the in-flight window, so one slow request cannot let published-but-uncommitted work pile up.
+            self.max_uncommitted = 2 * feed.max_sequences
             return ContinuousScheduler(feed=feed, engine=self.engine, probe_prompt=probe, retry_timeout_s=timeout)
         batcher = MicroBatcher(self.limits.max_records, self.settings.batch_max_wait_ms / 1000, self.limits.max_prompt_tokens)
+        self.max_uncommitted: int | None = None  # one batch at a time bounds it already
         return MicroBatchScheduler(engine=self.engine, batcher=batcher, probe_prompt=probe, retry_timeout_s=timeout)
 
     def _probe_prompt(self) -> Prompt:
@@ -184,7 +193,8 @@ class Worker:
 
     def run(self, until: Callable[[], bool] | None = None) -> int:
         """Process until request_stop() (or `until()` is true); return the process exit code."""
-        log.info("engine warmed up in %.1f s", self.warm_up())
+        if not self._stop.is_set():
+            log.info("engine warmed up in %.1f s", self.warm_up())
         if self._stop.is_set():
             self._close()
             return EXIT_OK
@@ -220,6 +230,8 @@ class Worker:
 
     def _consume(self) -> None:
         wanted = 0 if (self._inbox or self.checkpoint.holding) else self.scheduler.wanted()
+        if self.max_uncommitted is not None:
+            wanted = min(wanted, self.max_uncommitted - len(self.checkpoint.tracker))
         if wanted > 0:
             self._full_since = None
             self._set_paused(False)

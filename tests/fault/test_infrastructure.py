@@ -38,7 +38,10 @@ def test_a_gpu_dying_mid_run_exits_5_with_nothing_dead_lettered_and_a_restart_do
                                    "seconds_to_exit": round(seconds, 1)}
     assert code == EXIT_ENGINE_FAILED, workers.log_of(0)[-3000:]
     assert dead == [], "a dead GPU must not drain the topic into the DLQ"
-    assert sum(committed.values()) == 20, "the two batches before the failure, nothing past it"
+    published = read_all(broker, topics["output"], idle=1.0)
+    assert sum(committed.values()) == len(published) < 40, "what was summarised before the failure, nothing past it"
+    if env["GENERATION_MODE"] == "micro_batch":
+        assert len(published) == 20, "the two batches before the failure"
     restart = workers.start(worker_env(broker, topics, BATCH_MAX_RECORDS=10), name="gpu-back")
     deadline = time.monotonic() + 90
     while committed_offsets(broker, topics["group"], topics["input"], 1) != end_offsets(placements) and time.monotonic() < deadline:

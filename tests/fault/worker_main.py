@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any, Sequence
+
+# A SIGTERM during start-up (imports, warm-up) is an orderly stop too, as in `processor run`.
+early_stop: list[int] = []
+if __name__ == "__main__":
+    for _signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(_signum, lambda *_: early_stop.append(1))
 
 from processor.engines.base import Generation
 from processor.engines.extractive import ExtractiveEngine
@@ -80,6 +87,8 @@ def main() -> int:
     engine = FaultEngine(float(os.environ.get("FAULT_DELAY_S", "0")), int(die_after) if die_after else None)
     worker = Worker(settings, engine, consumer=consumer)
     worker.install_signal_handlers()
+    if early_stop:
+        worker.request_stop()
     started = time.monotonic()
     code = worker.run()
     print(json.dumps({"exit": code, "seconds": time.monotonic() - started, "committed": worker.records_committed}), file=sys.stderr)
