@@ -278,7 +278,9 @@ def run_micro_batch(engine: Any, probe: StepProbe, prompts: list[Any], lengths: 
 
 def run_continuous(engine: Any, probe: StepProbe, prompts: list[Any], lengths: dict[str, int], budget: Any,
                    name: str = "continuous", window: int | None = None, refill_min: int = 1,
-                   timeout: float = 600.0) -> dict[str, Any]:
+                   poll_sleep: float | None = None, timeout: float = 600.0) -> dict[str, Any]:
+    """The feed on its own thread; this (main) thread collects outcomes: woken by the feed (wait), or, with
+    `poll_sleep`, sleeping that long between collections (never woken: isolates the cost of the wake-ups)."""
     from processor.continuous import ContinuousFeed
 
     feed = ContinuousFeed(engine, budget=budget, max_new_tokens=MAX_NEW_TOKENS, refill_min=refill_min)
@@ -295,17 +297,38 @@ def run_continuous(engine: Any, probe: StepProbe, prompts: list[Any], lengths: d
                 raise RuntimeError(f"the engine failed: {feed.failure!r}")
             if time.perf_counter() - start > timeout:
                 raise TimeoutError(f"{len(outcomes)} of {len(prompts)} finished after {timeout} s")
-            feed.wait(0.5)
+            if poll_sleep is None:
+                feed.wait(0.5)
+            else:
+                time.sleep(poll_sleep)
             max_in_flight = max(max_in_flight, feed.in_flight)
             outcomes.update({f.request_id: f.outcome for f in feed.take_finished()})
         synchronize()
         end = time.perf_counter()
+        if poll_sleep is not None and probe.samples:  # not the sleep's granularity: when the last step ended
+            end = min(end, max(end_ for _, end_, _ in probe.samples))
         busy, idle = feed.busy_seconds, feed.idle_seconds
     finally:
         feed.close()
     return record(name, prompts, outcomes, lengths, end - start, probe, start, end, window or budget.max_sequences,
                   mode="continuous", refill_min=refill_min, feed_busy_seconds=round(busy, 3), feed_idle_seconds=round(idle, 3),
-                  max_in_flight_seen=max_in_flight, kv_tokens_budget=budget.kv_tokens)
+                  max_in_flight_seen=max_in_flight, kv_tokens_budget=budget.kv_tokens, poll_sleep=poll_sleep)
+
+
+def run_streaming_main_thread(engine: Any, probe: StepProbe, prompts: list[Any], lengths: dict[str, int],
+                              window: int, name: str = "streaming_main_thread") -> dict[str, Any]:
+    """The engine API with no feed and no second thread: add every request, step on this thread until done
+    (vLLM queues what exceeds max_num_seqs itself, like generate())."""
+    synchronize()
+    start = time.perf_counter()
+    for prompt in prompts:
+        engine.add_request(prompt.event.event_id, prompt)
+    outcomes: dict[str, Any] = {}
+    while engine.has_unfinished():
+        outcomes.update({f.request_id: f.outcome for f in engine.step()})
+    synchronize()
+    end = time.perf_counter()
+    return record(name, prompts, outcomes, lengths, end - start, probe, start, end, window, mode="streaming")
 
 
 # ------------------------------------------------------------------------------------------ parts
@@ -389,8 +412,11 @@ def run_part(args: argparse.Namespace) -> int:
     def windowed(w: int) -> Any:
         return InFlightBudget(w, budget.kv_tokens, budget.block_size)
 
+    made = [0]
+
     def fresh(tag: str) -> list[Any]:  # the same events and output lengths, results text of this run's own
-        return make_prompts(engine.tokenizer, args.events, PROMPT_TOKENS, salt=f"{args.part}-{tag}")
+        made[0] += 1
+        return make_prompts(engine.tokenizer, args.events, PROMPT_TOKENS, salt=f"{args.part}-{tag}-{made[0]}")
 
     def cont(name: str, w: int, refill: int = 1) -> Callable[[], dict[str, Any]]:
         return lambda: run_continuous(engine, probe, fresh(f"{name}{w}"), lengths, windowed(w), name=name, refill_min=refill)
@@ -409,6 +435,18 @@ def run_part(args: argparse.Namespace) -> int:
         for window in WINDOWS:  # refills grouped (the feed's refill_min), to price V1's per-prefill step
             plan.append((f"continuous w{window} refill {window // 8}", cont("continuous_refill_group", window, window // 8)))
         plan += [("continuous w64 again", cont("continuous_again", 64)), ("micro_batch w64 again", micro("micro_batch_again", 64))]
+    elif args.part == "E":  # (e) again, alternating, with the feed's threading taken apart
+        slots = min(len(prompts), budget.max_sequences)
+        variants = [
+            ("one generate()", lambda: run_micro_batch(engine, probe, fresh("g"), lengths, len(prompts), name="one_generate_all")),
+            ("continuous at budget", lambda: run_continuous(engine, probe, fresh("c"), lengths, budget,
+                                                             name="continuous_at_budget", window=budget_window)),
+            ("continuous at budget, main thread sleeping", lambda: run_continuous(
+                engine, probe, fresh("s"), lengths, budget, name="continuous_at_budget_poll_sleep", window=budget_window,
+                poll_sleep=0.2)),
+            ("engine API on the main thread", lambda: run_streaming_main_thread(engine, probe, fresh("m"), lengths, slots)),
+        ]
+        plan += variants + variants[::-1]
     else:  # (d) prefix caching on: the same continuous runs as part A
         plan += [("continuous w64", cont("continuous", 64)), ("continuous at budget", at_budget),
                  ("continuous w64 refill 8", cont("continuous_refill_group", 64, 8)), ("continuous w64 again", cont("continuous_again", 64))]
@@ -432,7 +470,7 @@ def find(rows: list[dict[str, Any]], run: str, window: int | None = None) -> dic
 
 
 def merge(out: Path, host: dict[str, Any]) -> dict[str, Any]:
-    parts = {p: json.loads((out / f"vllm_modes_part{p}.json").read_text()) for p in "AB" if (out / f"vllm_modes_part{p}.json").exists()}
+    parts = {p: json.loads((out / f"vllm_modes_part{p}.json").read_text()) for p in "ABE" if (out / f"vllm_modes_part{p}.json").exists()}
     a, b = parts.get("A"), parts.get("B")
     result: dict[str, Any] = {"host": host, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "parts": parts}
     summary: dict[str, Any] = {}
@@ -463,6 +501,16 @@ def merge(out: Path, host: dict[str, Any]) -> dict[str, Any]:
             off, on = find(a["rows"], run, window), find(b["rows"], run, window)
             if off and on:
                 summary[f"d_prefix_caching_on_vs_off_{run}{'_w' + str(window) if window else ''}"] = ratio(on, off)
+    if "E" in parts:  # (e) repeated, alternating: events/s of each variant, in run order
+        repeated: dict[str, list[float]] = {}
+        for row in parts["E"]["rows"]:
+            repeated.setdefault(row["run"], []).append(row["events_per_s"])
+        summary["e_repeated_events_per_s"] = repeated
+        ideal = statistics.mean(repeated.get("one_generate_all", [0])) or None
+        if ideal:
+            summary["e_repeated_share_of_one_generate"] = {
+                run: round(statistics.mean(values) / ideal, 3) for run, values in repeated.items() if run != "one_generate_all"
+            }
     result["summary"] = summary
     (out / "vllm_modes.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -481,7 +529,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     b = result["parts"].get("B")
     if not a:
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5.4), gridspec_kw={"width_ratios": [1, 1, 1.3]})
     # (a) events/s per window: micro-batch, continuous (refill at once), continuous (refills grouped)
     ax = axes[0]
     series = [("micro_batch", "micro-batch: generate() per batch", "#999"),
@@ -531,13 +579,22 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         names.append("one\ngenerate()\nprefix off")
         values.append(ideal["events_per_s"])
         colors.append("#555")
+    repeated = result["summary"].get("e_repeated_events_per_s", {})
+    for run, label, color in (("one_generate_all", "one\ngenerate()\n(E, mean)", "#555"),
+                              ("continuous_at_budget", "cont. at\nbudget\n(E, mean)", "#2a7")):
+        if repeated.get(run):
+            names.append(label)
+            values.append(statistics.mean(repeated[run]))
+            colors.append(color)
     bars = ax.bar(range(len(names)), values, color=colors)
     ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_xticks(range(len(names)), names, fontsize=7)
     ax.set_ylabel("events/s")
     share = result["summary"].get("e_continuous_at_budget_share_of_one_generate")
     window = result["summary"].get("e_budget_window")
-    ax.set_title(f"(d) prefix caching; (e) window {window}: {share}x one generate()", fontsize=10)
+    shares = result["summary"].get("e_repeated_share_of_one_generate", {})
+    again = f"; alternating (E): {shares['continuous_at_budget']}x" if "continuous_at_budget" in shares else ""
+    ax.set_title(f"(d) prefix caching; (e) window {window}: {share}x one generate(){again}", fontsize=9)
     host = result["host"]
     lengths = a["lengths"]
     fig.suptitle(
@@ -573,7 +630,7 @@ def host_info() -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["all", "build", "part", "merge"])
-    parser.add_argument("--part", choices=["A", "B"], default="A")
+    parser.add_argument("--part", choices=["A", "B", "E"], default="A")
     parser.add_argument("--parts", default="AB", help="for `all`: which parts to run")
     parser.add_argument("--model-dir", default="/tmp/qwen25-05b-random-full-vocab")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -597,7 +654,11 @@ def main() -> int:
         subprocess.run(me + ["build", *common, *fake], check=True)
         for part in args.parts:
             subprocess.run(me + ["part", "--part", part, *common, *fake], check=True)
-    result = merge(out, host_info())
+    host = host_info()
+    previous = out / "vllm_modes.json"
+    if host.get("device") == "cpu" and previous.exists():  # merging here what a GPU host measured: keep its host
+        host = json.loads(previous.read_text()).get("host", host)
+    result = merge(out, host)
     log("summary: " + json.dumps(result["summary"], indent=1))
     if plot(result, out / "vllm_modes.png"):
         log(f"written {out / 'vllm_modes.json'} and {out / 'vllm_modes.png'}")
