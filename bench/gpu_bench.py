@@ -7,8 +7,15 @@ architecture with random bf16 weights (no hub needed), fixed prompt and output l
   (c) the engine's idle share of wall time inside the processor run.
 Targets: (a) ≥ 10× at the best batch size, (b) ≥ 0.95, (c) < 5 %. Writes bench/results/gpu.json and gpu.png.
 
+--mode continuous runs the processor with GENERATION_MODE=continuous (vLLM's add_request/step through the
+ContinuousFeed; ENGINE=vllm or extractive) and compares it with the feed alone on the very same prompts;
+--mode micro_batch (the default) with one generate() per batch, as before. --long-tail (vLLM) draws each event's
+output length like real summaries (bench/vllm_modes.py: median 268, up to 1,536, max_tokens + ignore_eos).
+
     python bench/gpu_bench.py                         # builds the random-weight model, runs everything
     ENGINE=vllm VLLM_MODEL=Qwen/Qwen2.5-0.5B-Instruct python bench/gpu_bench.py --engine vllm   # a user's GPU
+    python bench/vllm_modes.py build --model-dir /tmp/m     # random weights, full vocabulary (vLLM needs it)
+    python bench/gpu_bench.py --engine vllm --model /tmp/m --mode continuous --skip-sweep --batch 64 --long-tail
 """
 
 from __future__ import annotations
@@ -60,6 +67,76 @@ class RecordingEngine:
 
     def close(self) -> None:
         self.inner.close()
+
+
+class StreamingRecordingEngine(RecordingEngine):
+    """RecordingEngine plus the streaming ops (continuous mode): remembers every prompt added (not the
+    worker's warm-up), and each step's start, end and the number of requests the engine held."""
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine)
+        self.added: list[Prompt] = []
+        self.steps: list[tuple[float, float, int]] = []
+        self.live: set[str] = set()
+
+    def add_request(self, request_id: str, prompt: Prompt) -> None:
+        self.inner.add_request(request_id, prompt)
+        self.live.add(request_id)
+        if not prompt.event.event_id.startswith("demo-"):
+            self.added.append(prompt)
+
+    def step(self) -> list[Any]:
+        started = time.perf_counter()
+        finished = self.inner.step()
+        self.steps.append((started, time.perf_counter(), len(self.live)))
+        self.live.difference_update(f.request_id for f in finished)
+        return finished
+
+    def abort(self, request_ids: Any) -> None:
+        ids = list(request_ids)
+        self.inner.abort(ids)
+        self.live.difference_update(ids)
+
+    def has_unfinished(self) -> bool:
+        return self.inner.has_unfinished()
+
+    def in_flight_budget(self) -> Any:
+        return self.inner.in_flight_budget()
+
+
+def idle_share(steps: list[tuple[float, float, int]], start: float, end: float) -> float:
+    """Share of [start, end] in which the engine held no request (each step's interval runs from the last one's end)."""
+    previous, idle = start, 0.0
+    for _, finished_at, live in steps:
+        if start <= finished_at <= end:
+            if live == 0:
+                idle += finished_at - previous
+            previous = finished_at
+    idle += max(0.0, end - previous)
+    return idle / (end - start) if end > start else 0.0
+
+
+def feed_alone(engine: Any, prompts: list[Prompt], max_new_tokens: int) -> tuple[float, int]:
+    """The engine alone in continuous mode: every prompt handed to a ContinuousFeed at once (its KV budget), until
+    all finished; seconds and completion tokens."""
+    from processor.continuous import ContinuousFeed
+
+    feed = ContinuousFeed(engine, budget=engine.in_flight_budget(), max_new_tokens=max_new_tokens)
+    try:
+        started = time.perf_counter()
+        with feed._cond:  # all at once: the feed admits by its budget
+            for i, prompt in enumerate(prompts):
+                feed.submit(f"alone-{i}", prompt)
+        done: dict[str, Any] = {}
+        while len(done) < len(prompts):
+            if feed.failure is not None:
+                raise RuntimeError(f"the engine failed alone: {feed.failure!r}")
+            feed.wait(0.5)
+            done.update({f.request_id: f.outcome for f in feed.take_finished()})
+        seconds = time.perf_counter() - started
+    finally:
+        feed.close()
+    return seconds, sum(o.completion_tokens for o in done.values() if isinstance(o, Generation))
 
 
 def synchronize() -> None:
@@ -149,6 +226,8 @@ def replay(engine: Any, batches: list[list[Prompt]], in_thread: bool) -> tuple[f
 
 
 def processor_vs_engine(engine: Any, settings_overrides: dict[str, Any], events: list[dict[str, Any]], batch: int) -> dict[str, Any]:
+    if settings_overrides.get("generation_mode") == "continuous":
+        return processor_vs_engine_continuous(engine, settings_overrides, events, batch)
     recording = RecordingEngine(engine)
     with EmbeddedBroker() as broker:
         topic = f"gpu-in-{uuid.uuid4().hex[:6]}"
@@ -210,13 +289,73 @@ def processor_vs_engine(engine: Any, settings_overrides: dict[str, Any], events:
     }
 
 
+def processor_vs_engine_continuous(engine: Any, settings_overrides: dict[str, Any], events: list[dict[str, Any]], batch: int) -> dict[str, Any]:
+    """(b, c) with GENERATION_MODE=continuous: the processor feeds the engine through its ContinuousFeed; the engine
+    alone is a ContinuousFeed given the very same prompts at once."""
+    recording = StreamingRecordingEngine(engine)
+    with EmbeddedBroker() as broker:
+        topic = f"gpu-in-{uuid.uuid4().hex[:6]}"
+        ensure_topics(broker.bootstrap, {topic: 4, "gpu-out": 4, "gpu-dlq": 1})
+        produce_events({"bootstrap.servers": broker.bootstrap}, topic, events)
+        settings = load_settings(
+            kafka_bootstrap_servers=broker.bootstrap, kafka_input_topic=topic, kafka_output_topic="gpu-out",
+            kafka_dlq_topic="gpu-dlq", kafka_group_id="gpu-bench", batch_max_records=batch, batch_max_wait_ms=2000,
+            batch_max_prompt_tokens=100_000_000, log_format="text", log_level="WARNING", **settings_overrides,
+        )
+        worker = Worker(settings, recording, consumer_overrides=FAST_GROUP)
+        first: list[float] = []  # the processor's clock starts at its first consumed record, as in micro_batch
+        original = worker.metrics.consumed
+
+        def consumed(tp: tuple[str, int]) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            original(tp)
+
+        worker.metrics.consumed = consumed  # type: ignore[method-assign]
+        cpu_before = time.process_time()
+        worker.run(until=lambda: worker.records_committed >= len(events))
+        ended = time.perf_counter()
+        started = first[0] if first else ended
+        processor_cpu = time.process_time() - cpu_before
+    prompts = list(recording.added)
+    if len(prompts) != len(events):
+        raise RuntimeError(f"{len(prompts)} of {len(events)} events reached the engine")
+    steps = [s for s in recording.steps if s[0] >= started]
+    first_add = steps[0][0] if steps else started
+    last_step = steps[-1][1] if steps else ended
+    cpu_before = time.process_time()
+    alone_seconds, alone_tokens = feed_alone(engine, prompts, settings.sampling_max_tokens)
+    alone_cpu = time.process_time() - cpu_before
+    processor_seconds = ended - started
+    return {
+        "mode": "continuous",
+        "events": len(events),
+        "processor_seconds": round(processor_seconds, 3),
+        "processor_seconds_engine_span": round(last_step - first_add, 3),
+        "engine_only_seconds": round(alone_seconds, 3),
+        "engine_only_completion_tokens": alone_tokens,
+        "process_cpu_seconds_processor": round(processor_cpu, 2),
+        "process_cpu_seconds_engine_alone": round(alone_cpu, 2),
+        "processor_events_per_s": round(len(events) / processor_seconds, 3),
+        "engine_only_events_per_s": round(len(events) / alone_seconds, 3),
+        "ratio": round(alone_seconds / processor_seconds, 4),
+        "steps": len(steps),
+        "engine_idle_share": round(idle_share(steps, first_add, last_step), 4),
+        "engine_idle_share_incl_first_fill_and_last_commit": round(idle_share(steps, started, ended), 4),
+    }
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no PNG", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweep = result["batch_sweep"]
+    sweep = result["batch_sweep"] or [{"batch": result["best_batch"], "tokens_per_s": 0.0}]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot([r["batch"] for r in sweep], [r["tokens_per_s"] for r in sweep], marker="o")
     left.set_xscale("log", base=2)
@@ -228,7 +367,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     bars = right.bar(["engine alone", "full processor"], [pv["engine_only_events_per_s"], pv["processor_events_per_s"]], color=["#888", "#2a7"])
     right.bar_label(bars, fmt="%.2f")
     right.set_ylabel("events/s")
-    right.set_title(f"processor / engine = {pv['ratio']:.3f}, engine idle {100 * pv['engine_idle_share']:.1f} %")
+    right.set_title(f"{pv.get('mode', 'micro_batch')}: processor / engine = {pv['ratio']:.3f}, engine idle {100 * pv['engine_idle_share']:.1f} %")
     fig.suptitle(f"{result['engine']} on {result['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -245,6 +384,12 @@ def main() -> int:
     parser.add_argument("--events-per-size", type=int, default=64)
     parser.add_argument("--single-events", type=int, default=8, help="events for the per-event (batch 1) row")
     parser.add_argument("--processor-events", type=int, default=256)
+    parser.add_argument("--mode", choices=["micro_batch", "continuous"], default="micro_batch",
+                        help="GENERATION_MODE of the processor run (b, c)")
+    parser.add_argument("--skip-sweep", action="store_true", help="skip (a); (b, c) use --batch")
+    parser.add_argument("--batch", type=int, default=64, help="BATCH_MAX_RECORDS for (b, c) with --skip-sweep")
+    parser.add_argument("--long-tail", action="store_true",
+                        help="vLLM: per-event output lengths drawn like real summaries (max_tokens with ignore_eos)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",")]
@@ -267,8 +412,11 @@ def main() -> int:
         GenerationConfig(eos_token_id=[config["vocab_size"] - 1], pad_token_id=0).save_pretrained(model_dir)
         print(f"built a random-weight model ({'toy' if args.tiny else 'Qwen2.5-0.5B architecture'}) in {time.perf_counter() - started:.1f} s", flush=True)
 
+    if args.long_tail:
+        args.new_tokens = 1536  # the longest a drawn length may be: what the feed reserves per request
     overrides: dict[str, Any] = {"engine": args.engine, "sampling_max_tokens": args.new_tokens,
-                                 "vllm_max_model_len": args.prompt_tokens + args.new_tokens + 64}
+                                 "vllm_max_model_len": args.prompt_tokens + args.new_tokens + 64,
+                                 "generation_mode": args.mode}
     if args.engine == "transformers":
         overrides["transformers_model"] = model_dir
     elif model_dir:
@@ -289,36 +437,55 @@ def main() -> int:
 
     events = make_events(max(max(sizes), args.events_per_size, args.processor_events), args.prompt_tokens - 20, engine.tokenizer)
     prompts = fixed_prompts(events, engine.tokenizer, args.prompt_tokens)
-    print(f"(a) {args.prompt_tokens} prompt tokens, {args.new_tokens} new tokens per event", flush=True)
-    sweep = batch_sweep(engine, prompts, sizes, args.events_per_size, args.single_events)
-    best = max(sweep, key=lambda r: r["tokens_per_s"])
-    single = next((r for r in sweep if r["batch"] == 1), sweep[0])
-    speedup = best["tokens_per_s"] / single["tokens_per_s"]
-    print(f"    best batch {best['batch']}: {speedup:.1f}× per-event throughput (target ≥ 10×)", flush=True)
+    if args.long_tail:
+        if not hasattr(engine, "sampling_override"):
+            raise SystemExit("--long-tail needs --engine vllm (per-request max_tokens with ignore_eos)")
+        from bench.vllm_modes import output_lengths
 
-    print(f"(b, c) full processor vs engine alone, {args.processor_events} events, batches of {best['batch']}", flush=True)
+        lengths = output_lengths(prompts)
+        # Events not in the list (the worker's warm-up prompt) get a short answer.
+        engine.sampling_override = lambda p: {"max_tokens": lengths.get(p.event.event_id, 32), "ignore_eos": True}
+    sweep: list[dict[str, Any]] = []
+    speedup = None
+    batch = args.batch
+    if not args.skip_sweep:
+        print(f"(a) {args.prompt_tokens} prompt tokens, {args.new_tokens} new tokens per event", flush=True)
+        sweep = batch_sweep(engine, prompts, sizes, args.events_per_size, args.single_events)
+        best = max(sweep, key=lambda r: r["tokens_per_s"])
+        single = next((r for r in sweep if r["batch"] == 1), sweep[0])
+        speedup = best["tokens_per_s"] / single["tokens_per_s"]
+        batch = best["batch"]
+        print(f"    best batch {best['batch']}: {speedup:.1f}× per-event throughput (target ≥ 10×)", flush=True)
+
+    print(f"(b, c) full processor vs engine alone, GENERATION_MODE={args.mode}, {args.processor_events} events, "
+          f"batches of {batch}", flush=True)
     settings_overrides = {k: v for k, v in overrides.items() if k != "engine"}
-    pv = processor_vs_engine(engine, settings_overrides, events[: args.processor_events], best["batch"])
+    pv = processor_vs_engine(engine, settings_overrides, events[: args.processor_events], batch)
     print(f"    processor {pv['processor_events_per_s']:.3f} events/s, engine alone {pv['engine_only_events_per_s']:.3f} events/s: "
           f"ratio {pv['ratio']:.3f} (target ≥ 0.95)", flush=True)
-    print(f"    generate() seconds per batch — in the processor: {pv['generate_seconds_in_processor']}; alone on a thread: "
-          f"{pv['generate_seconds_alone_thread']}; alone on the main thread: {pv['generate_seconds_alone_main']}", flush=True)
-    print(f"    process CPU seconds — processor run: {pv['process_cpu_seconds_processor']}, "
-          f"engine alone on a thread: {pv['process_cpu_seconds_engine_alone_thread']}", flush=True)
+    if args.mode == "micro_batch":
+        print(f"    generate() seconds per batch — in the processor: {pv['generate_seconds_in_processor']}; alone on a thread: "
+              f"{pv['generate_seconds_alone_thread']}; alone on the main thread: {pv['generate_seconds_alone_main']}", flush=True)
+        print(f"    process CPU seconds — processor run: {pv['process_cpu_seconds_processor']}, "
+              f"engine alone on a thread: {pv['process_cpu_seconds_engine_alone_thread']}", flush=True)
+    else:
+        print(f"    {pv['steps']} engine steps; process CPU seconds — processor run: {pv['process_cpu_seconds_processor']}, "
+              f"feed alone: {pv['process_cpu_seconds_engine_alone']}", flush=True)
     print(f"    engine idle {100 * pv['engine_idle_share']:.2f} % of wall time between its first and last batch (target < 5 %); "
           f"{100 * pv['engine_idle_share_incl_first_fill_and_last_commit']:.2f} % counting the first fill and the last commit", flush=True)
 
     result = {
         "engine": engine.kind, "model": "random-weight Qwen2.5-0.5B architecture" if not args.model else engine.model,
         "device": device, "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-        "batch_sweep": sweep, "best_batch": best["batch"], "speedup_best_vs_single": round(speedup, 2),
+        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "generation_mode": args.mode,
+        "long_tail": args.long_tail,
+        "batch_sweep": sweep, "best_batch": batch, "speedup_best_vs_single": round(speedup, 2) if speedup else None,
         "processor_vs_engine": pv, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    name = "gpu" if device != "cpu" else "gpu-harness-cpu-smoke"
+    name = ("gpu" if device != "cpu" else "gpu-harness-cpu-smoke") + ("" if args.mode == "micro_batch" else f"-{args.mode}")
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / f"{name}.png")
-    print(f"written: {out / (name + '.json')}, {out / (name + '.png')}", flush=True)
+    print(f"written: {out / (name + '.json')} (+ .png where matplotlib is installed)", flush=True)
     engine.close()
     return 0
 

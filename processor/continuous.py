@@ -64,6 +64,7 @@ class ContinuousFeed:
         budget: InFlightBudget | None,
         max_new_tokens: int,
         max_sequences_default: int = 256,
+        refill_min: int = 1,
     ) -> None:
         self.engine = engine
         self.budget = budget
@@ -71,6 +72,10 @@ class ContinuousFeed:
         self.max_sequences = budget.max_sequences if budget is not None else max_sequences_default
         self.kv_tokens: int | None = budget.kv_tokens if budget is not None else None
         self._block_size = budget.block_size if budget is not None else 1
+        # Refill once at least this many sequence slots are free (1: as soon as anything finishes). Larger values
+        # let new prompts enter the engine together: on vLLM V1 every step that holds a prefill runs outside the
+        # decode CUDA graphs, so one refill per finished request costs a slow step each (bench/vllm_modes.py).
+        self.refill_min = max(1, min(refill_min, self.max_sequences))
 
         self._cond = threading.Condition()
         self._queue: OrderedDict[str, tuple[Prompt, int]] = OrderedDict()  # submitted, not admitted: id → (prompt, cost)
@@ -317,6 +322,10 @@ class ContinuousFeed:
             job.done.set()
 
     def _admit(self) -> None:
+        with self._cond:
+            live = len(self._in_flight)
+            if live and self.max_sequences - live < self.refill_min:
+                return  # wait until enough room is free to refill together
         while True:
             with self._cond:
                 if not self._admissible_locked():

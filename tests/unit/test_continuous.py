@@ -43,6 +43,7 @@ class RecordingEngine:
         self.step_delay = step_delay
         self.live: dict[str, list] = {}  # id → [steps left, prompt]
         self.steps: list[tuple[int, int]] = []  # (sequences, prompt tokens) in flight at each step
+        self.finished_per_step: list[int] = []
         self.added: list[str] = []
         self.aborted: list[list[str]] = []
         self.threads: set[int] = set()
@@ -78,6 +79,7 @@ class RecordingEngine:
             if entry[0] <= 0:
                 del self.live[request_id]
                 done.append(Finished(request_id, Generation(f"summary of {request_id}", "stop", entry[1].prompt_tokens, 3)))
+        self.finished_per_step.append(len(done))
         return done
 
     def abort(self, request_ids):
@@ -434,3 +436,19 @@ def test_the_extractive_engine_runs_continuously_with_the_same_summaries_as_micr
     assert {k: v.outcome for k, v in got.items()} == expected
     assert order != list(prompts), "finished out of order"
     assert not engine.has_unfinished()
+
+
+def test_refill_min_lets_new_requests_enter_together(feeds):
+    engine = RecordingEngine()
+    feed = feeds(engine, budget=InFlightBudget(max_sequences=4, kv_tokens=10**9), refill_min=3)
+    rng = random.Random(3)
+    submit_all(feed, {f"g{i}": sized(10, rng.randint(1, 5), f"g{i}") for i in range(30)})
+    collect(feed, 30)
+    counts = [s for s, _ in engine.steps]
+    refills = 0
+    for before, finished, after in zip(counts, engine.finished_per_step, counts[1:]):
+        left = before - finished
+        if after > left:  # requests were admitted between these steps: only once 3 slots were free
+            refills += 1
+            assert left <= 1, (before, finished, after)
+    assert refills >= 5 and max(counts) == 4

@@ -84,3 +84,33 @@ def test_a_count_mismatch_is_a_bug_not_a_dead_letter():
 
     with pytest.raises(RuntimeError, match="outputs for"):
         generate_isolated(Broken(), prompts_for(sample_events()))
+
+
+def test_the_extractive_engine_streams_out_of_order_with_the_same_summaries():
+    from processor.engines.base import StreamingEngine
+
+    engine = ExtractiveEngine()
+    assert isinstance(engine, StreamingEngine) and engine.in_flight_budget() is None
+    prompts = prompts_for([e | {"event_id": f"s{i}"} for i, e in enumerate(sample_events())])
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt)
+    engine.abort(["r1", "unknown"])
+    order, outcomes = [], {}
+    while engine.has_unfinished():
+        for item in engine.step():
+            order.append(item.request_id)
+            outcomes[item.request_id] = item.outcome
+    assert "r1" not in outcomes and sorted(order) == sorted(f"r{i}" for i in range(len(prompts)) if i != 1)
+    assert order != sorted(order, key=lambda r: int(r[1:])), "finished out of order"
+    expected = ExtractiveEngine().generate(prompts)
+    assert all(outcomes[f"r{i}"] == expected[i] for i in range(len(prompts)) if i != 1)
+
+
+def test_a_poisoned_generate_makes_the_extractive_step_fail_as_a_whole():
+    engine = PoisonEngine({"s2"})
+    prompts = prompts_for([e | {"event_id": f"s{i}"} for i, e in enumerate(sample_events())])
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt)
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        while engine.has_unfinished():
+            engine.step()
