@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     generation_mode: GenerationMode = Field(
         GenerationMode.MICRO_BATCH, description="micro_batch (default) or continuous (ENGINE=vllm or extractive)"
     )
+    continuous_refill_min: int | None = Field(
+        None, ge=1, description="continuous: refill the engine once this many sequence slots are free (default: window/8)"
+    )
     model: str = Field("Qwen/Qwen2.5-7B-Instruct-AWQ", validation_alias=AliasChoices("vllm_model", "model"))
     vllm_quantization: str | None = "awq"
     vllm_gpu_memory_utilization: float = Field(0.92, gt=0.0, le=1.0)
