@@ -7,6 +7,7 @@ if the Python process that started it dies, so no broker outlives its owner.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -123,7 +124,7 @@ class EmbeddedBroker:
 
 def ensure_topics(bootstrap: str, topics: dict[str, int], extra_conf: dict[str, str] | None = None, timeout: float = 30.0) -> None:
     """Create topics (name → partitions) that do not exist yet; an existing topic is left as it is."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, **(extra_conf or {})})
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": logging.getLogger("librdkafka"), **(extra_conf or {})})
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items() if name not in existing]
     if not wanted:

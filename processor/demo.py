@@ -62,6 +62,8 @@ def run_demo(out: TextIO = sys.stdout, engine: str = "extractive", model: str | 
             print(f"   query:   {summary['query']}", file=out)
             # Wrapped by display cells: a Hangul syllable is two cells wide, so Korean wraps at the same width as English.
             print(fill(summary["summary"], 100, indent="   "), file=out)
+            for citation in summary.get("citations") or []:
+                print(f"   [{citation['rank']}] {citation['url']}", file=out)
         dead = list(read_topic(common, settings.kafka_dlq_topic, dead_letters=True, idle_timeout_s=0.5))
         print(
             f"\n{len(summaries)} summaries, {len(dead)} dead letters; {len(events)} events in {elapsed:.1f} s "

@@ -83,8 +83,10 @@ class RepeatFilter(logging.Filter):
     """Deduplicate and rate-limit: a line is let through once per `window_s` (later repeats are counted and the
     count is appended to the next one let through), and at most `burst` distinct lines per window pass at all.
 
-    A record may set `client_error` (extra=) to the client's own error text: the key it is deduplicated by, so the
-    worker's error-callback line and librdkafka's log line about one failure count as one.
+    It acts on librdkafka's records and on records that carry `client_error` (extra=): the client's own error text,
+    the key they are deduplicated by, so the worker's error-callback line and librdkafka's log line about one
+    failure count as one. Any other record passes untouched, so the filter can sit on a logger that also carries
+    the worker's other lines.
     """
 
     def __init__(self, window_s: float = 60.0, burst: int = 20, clock: Callable[[], float] = time.monotonic) -> None:
@@ -97,6 +99,8 @@ class RepeatFilter(logging.Filter):
         self._dropped_in_window = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != LIBRDKAFKA_LOGGER and getattr(record, "client_error", None) is None:
+            return True
         key = _repeat_key(record)
         now = self.clock()
         with self._lock:

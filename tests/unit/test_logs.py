@@ -68,6 +68,15 @@ def test_the_error_callback_and_librdkafka_saying_the_same_thing_print_once():
     assert not repeats.filter(ours)
 
 
+def test_the_filter_leaves_other_lines_of_a_logger_alone():
+    """The worker's logger carries dead-letter lines too: only its client-error lines are deduplicated."""
+    repeats = RepeatFilter(window_s=60, burst=2, clock=Clock())
+    others = [record("dead-lettered in[0]@7: BadMagicError", name="processor.loop", level=logging.WARNING) for _ in range(10)]
+    assert all(repeats.filter(r) for r in others)
+    client = [record("kafka client: x", name="processor.loop", client_error="1/1 brokers are down") for _ in range(3)]
+    assert [repeats.filter(r) for r in client] == [True, False, False]
+
+
 def test_distinct_client_lines_are_rate_limited_and_the_drop_is_counted():
     clock = Clock()
     repeats = RepeatFilter(window_s=60, burst=5, clock=clock)
