@@ -107,15 +107,6 @@ def produce_values(producer_conf: dict[str, Any], topic: str, messages: Sequence
     return [delivered[i] for i in range(len(messages))]
 
 
-def read_json_lines(stream: IO[str]) -> Iterator[dict[str, Any]]:
-    for number, line in enumerate(stream, start=1):
-        if line.strip():
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CommandError(f"line {number}: not JSON ({exc.msg} at column {exc.colno})") from None
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
