@@ -6,7 +6,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from processor.broker import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
