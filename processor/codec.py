@@ -145,6 +145,7 @@ class RegistryCodec:
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
         self.store = store or SchemaStore()
+        self.url = url
         self.client = client or SchemaRegistryClient.new_client({"url": url})  # mock:// URLs give the mock registry
         self._serializers: dict[str, Any] = {}
         self._deserializers: dict[str, Any] = {}
@@ -154,20 +155,24 @@ class RegistryCodec:
 
     def encode(self, record: dict[str, Any], schema_name: str, topic: str = "") -> bytes:
         from confluent_kafka.schema_registry.avro import AvroSerializer
-        from confluent_kafka.serialization import MessageField, SerializationContext
-
         from confluent_kafka.schema_registry.error import SchemaRegistryError
+        from confluent_kafka.serialization import MessageField, SerializationContext
 
         if schema_name not in self._serializers:
             self._serializers[schema_name] = AvroSerializer(self.client, self._schema_text(schema_name))
         try:
             return bytes(self._serializers[schema_name](record, SerializationContext(topic, MessageField.VALUE)))
         except SchemaRegistryError as exc:
-            raise RegistryUnavailableError(f"Schema Registry refused or failed to register {schema_name}: {exc}") from None
-        except Exception as exc:
-            if _is_transport_error(exc):
-                raise RegistryUnavailableError(f"Schema Registry unreachable: {type(exc).__name__}: {exc}") from None
-            raise
+            raise RegistryUnavailableError(
+                f"the Schema Registry at {_safe_url(self.url)} refused {schema_name}: {exc} (SCHEMA_REGISTRY_URL)"
+            ) from None
+        except _transport_errors() as exc:
+            raise self._unreachable(exc) from None
+
+    def _unreachable(self, exc: BaseException) -> RegistryUnavailableError:
+        return RegistryUnavailableError(
+            f"the Schema Registry at {_safe_url(self.url)} did not answer ({exc}): is it running? (SCHEMA_REGISTRY_URL)"
+        )
 
     def decode(self, payload: bytes | None, schema_name: str, topic: str = "") -> dict[str, Any]:
         from confluent_kafka.schema_registry.avro import AvroDeserializer
@@ -185,8 +190,9 @@ class RegistryCodec:
         except SchemaRegistryError as exc:
             if exc.http_status_code == 404:
                 raise UnknownSchemaError(f"schema id {int.from_bytes(payload[1:5], 'big')} is unknown to the registry") from None
-            # 5xx, auth, rate limits: the registry's trouble, not the record's.
             raise RegistryUnavailableError(f"Schema Registry error: {exc}") from None
+        except _transport_errors() as exc:
+            raise self._unreachable(exc) from None
         except SerializationError as exc:
             text = str(exc)
             if "not found" in text.lower() or "40403" in text:
@@ -196,18 +202,25 @@ class RegistryCodec:
             raise CorruptBodyError(f"a string field is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
         except (EOFError, ValueError, IndexError, TypeError, OverflowError) as exc:
             raise CorruptBodyError(f"Avro body does not match its registered schema: {type(exc).__name__}: {exc}") from None
-        except Exception as exc:
-            if _is_transport_error(exc):
-                raise RegistryUnavailableError(f"Schema Registry unreachable: {type(exc).__name__}: {exc}") from None
-            raise
 
 
-_TRANSPORT_ERROR_NAMES = frozenset({"RequestError", "TransportError", "TimeoutException", "NetworkError", "ConnectionError"})
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP client's "no answer" errors (connection refused, timeout, DNS): the registry is down, not the record."""
+    try:
+        # confluent-kafka picks its HTTP client (httpx or its fork) here; its transport errors are what it raises.
+        from confluent_kafka.schema_registry.common._httpx_compat import httpx
+
+        return (httpx.TransportError, OSError)
+    except ImportError:  # pragma: no cover - another confluent-kafka layout
+        return (OSError,)
 
 
-def _is_transport_error(exc: BaseException) -> bool:
-    """A failure to reach the registry (refused, reset, timed out), whatever HTTP library the client uses."""
-    return isinstance(exc, (OSError, TimeoutError)) or any(cls.__name__ in _TRANSPORT_ERROR_NAMES for cls in type(exc).__mro__)
+def _safe_url(url: str) -> str:
+    """The URL without user:password@ (credentials may be written into it)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))) if parts.hostname else url
 
 
 def make_codec(schema_registry_url: str | None) -> "AvroCodec | RegistryCodec":

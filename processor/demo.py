@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import sys
-import textwrap
 import time
 from typing import Any, TextIO
 
 from processor.broker import EmbeddedBroker, ensure_topics
+from processor.display import fill
 from processor.engines import create_engine
 from processor.loop import Worker
 from processor.samples import sample_events
@@ -60,7 +60,10 @@ def run_demo(out: TextIO = sys.stdout, engine: str = "extractive", model: str | 
         for summary in sorted(summaries, key=lambda s: s["event_id"])[: len(sample_events())]:
             print(f"\n── {summary['event_id']} [{summary['language']}, {summary['model']}, results used {summary['results_used']}]", file=out)
             print(f"   query:   {summary['query']}", file=out)
-            print(textwrap.indent(textwrap.fill(summary["summary"], 100), "   "), file=out)
+            # Wrapped by display cells: a Hangul syllable is two cells wide, so Korean wraps at the same width as English.
+            print(fill(summary["summary"], 100, indent="   "), file=out)
+            for citation in summary.get("citations") or []:
+                print(f"   [{citation['rank']}] {citation['url']}", file=out)
         dead = list(read_topic(common, settings.kafka_dlq_topic, dead_letters=True, idle_timeout_s=0.5))
         print(
             f"\n{len(summaries)} summaries, {len(dead)} dead letters; {len(events)} events in {elapsed:.1f} s "

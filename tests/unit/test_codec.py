@@ -50,6 +50,7 @@ PINNED = {
     ("ai_worker.SearchResultEvent", 1): "40698d47d39c8b77",
     ("ai_worker.SearchResultEvent", 2): "138129c7dda5a390",
     ("ai_worker.SearchSummary", 1): "db806a53add4021e",
+    ("ai_worker.SearchSummary", 2): "c56098b7506cbbc2",
     ("ai_worker.DeadLetter", 1): "f640fc745b8ed282",
 }
 
@@ -125,6 +126,38 @@ def test_every_older_event_version_is_still_read():
         decoded = codec.decode(buffer.getvalue(), EVENT_SCHEMA)
         assert decoded["event_id"] == "evt-000003"
         assert decoded["language"] is None  # default of the newer field
+
+
+def summary_record(**extra):
+    now = datetime(2026, 11, 20, tzinfo=timezone.utc)
+    return {
+        "event_id": "evt-1", "query": "q", "summary": "Lag grows [2].", "language": "en", "engine": "extractive",
+        "model": "m", "prompt_version": "p", "finish_reason": "stop", "prompt_tokens": 10, "completion_tokens": 5,
+        "results_used": 2, "results_truncated": 0, "source_topic": "in", "source_partition": 0, "source_offset": 7,
+        "collected_at": now, "processed_at": now, "processor_version": "0.1.0", **extra,
+    }
+
+
+def test_every_older_summary_version_is_still_read():
+    """Summaries written before citations existed (v1) read as the newest version, with no citations."""
+    codec = AvroCodec()
+    versions = codec.store.versions(SUMMARY_SCHEMA)
+    assert [v.version for v in versions][-2:] == [1, 2]
+    for version in versions[:-1]:
+        known = {f["name"] for f in version.parsed["fields"]}
+        buffer = io.BytesIO()
+        buffer.write(version.header)
+        schemaless_writer(buffer, version.parsed, {k: v for k, v in summary_record().items() if k in known})
+        decoded = codec.decode(buffer.getvalue(), SUMMARY_SCHEMA)
+        assert decoded["source_offset"] == 7 and decoded["citations"] == []
+
+
+def test_a_summary_carries_its_citations():
+    codec = AvroCodec()
+    citations = [{"rank": 2, "url": "https://example.com/2", "title": "Two"}]
+    assert codec.decode(codec.encode(summary_record(citations=citations), SUMMARY_SCHEMA), SUMMARY_SCHEMA)["citations"] == citations
+    # A writer that does not know about citations yet (the record without the field) still encodes: default [].
+    assert codec.decode(codec.encode(summary_record(), SUMMARY_SCHEMA), SUMMARY_SCHEMA)["citations"] == []
 
 
 def test_bad_magic_unknown_fingerprint_truncated_and_trailing_bytes():
