@@ -10,9 +10,11 @@ from typing import Any, Callable
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
 from processor.errors import BrokerUnavailableError
+from processor.logs import client_log_filter
 from processor.settings import ProcessingGuarantee, Settings
 
 log = logging.getLogger(__name__)
+log.addFilter(client_log_filter())
 
 PROBE_AFTER_S = 5.0
 DEFAULT_MAX_RECORD_BYTES = 1_000_000  # Kafka's default message.max.bytes on the broker, too
@@ -84,7 +86,6 @@ class BrokerHealth:
         self._clock = clock
         self._last_ok = clock()
         self.down = False
-        self._warned_at = 0.0
 
     def ok(self) -> None:
         self._last_ok = self._clock()
@@ -96,10 +97,9 @@ class BrokerHealth:
         """librdkafka's error_cb: 'all brokers down' and transport errors mark the broker down (logged once a while)."""
         if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE):
             self.down = True
-        now = self._clock()
-        if now - self._warned_at >= 10.0:  # librdkafka repeats itself many times a second while a broker is away
-            self._warned_at = now
-            log.warning("kafka client: %s", error.str())
+        # librdkafka repeats itself many times a second while a broker is away: the shared client filter
+        # (processor.logs) deduplicates and rate-limits these lines together with librdkafka's own.
+        log.warning("kafka client error", extra={"client_error": error.str()})
 
     def silent_for(self) -> float:
         return self._clock() - self._last_ok

@@ -120,6 +120,7 @@ class Worker:
         self._paused = False
         self._full_since: float | None = None
         self._stop = threading.Event()
+        self._subscribed = self._joined = False
         self._lag_observed_at = 0.0
         self._idle_reported = self._busy_reported = 0.0
         self._reported_at = time.monotonic()
@@ -209,6 +210,7 @@ class Worker:
                  extra={"engine": self.engine.kind, "model": self.engine.model, "mode": self.settings.generation_mode.value,
                         "batch_limits": self.limits.describe()})
         self.consumer.subscribe([self.settings.kafka_input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self._subscribed = True
         self.metrics.ready(engine_loaded=True, assigned=False)
         try:
             while not self._stop.is_set() and not (until and until()):
@@ -365,6 +367,7 @@ class Worker:
 
     # ---------------------------------------------------------------------------------------------- rebalance
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._joined = True
         self.ownership.assign((p.topic, p.partition) for p in partitions)
         if self._cooperative:
             consumer.incremental_assign(partitions)
@@ -412,6 +415,16 @@ class Worker:
             if tp.offset >= 0:
                 self.consumer.seek(tp)
         log.warning("rewound %s to the committed offsets after an aborted transaction", _names(owned))
+
+    def _finish_join(self) -> None:
+        """Stopped mid-join: let the join complete before closing. A member that leaves before it has a member id
+        cannot send LeaveGroup, and the group then waits for it (Tansu: for minutes) before anyone gets partitions."""
+        deadline = time.monotonic() + self.settings.kafka_session_timeout_ms / 1000
+        log.info("stopping during the group join: finishing the join (up to %.0f s) so the group is left cleanly",
+                 deadline - time.monotonic())
+        self._paused = True  # _on_assign pauses what it gets: nothing is fetched or processed any more
+        while not self._joined and time.monotonic() < deadline:
+            self.consumer.consume(1, 0.2)
 
     # ------------------------------------------------------------------------------------------- observation
     def _observe_lag(self) -> None:
@@ -467,6 +480,8 @@ class Worker:
 
     def _close(self) -> None:
         self.scheduler.close()
+        if self._subscribed and not self._joined and not self.health.down:
+            self._finish_join()
         try:
             self.consumer.close()  # leaves the group at once, whatever state the join is in
         except (KafkaException, RuntimeError) as exc:

@@ -128,3 +128,32 @@ class WorkerThread:
     def __exit__(self, *_: Any) -> None:
         self.worker.request_stop()
         self.thread.join(60)
+
+
+class RebalanceLog:
+    """Wraps a consumer: records every assign/revoke/lost callback the Worker receives (injected, nothing patched)."""
+
+    def __init__(self, consumer: Any, on_revoke: Callable[[int], Any] | None = None) -> None:
+        self._consumer = consumer
+        self.assigned: list[int] = []
+        self.revoked: list[tuple[int, Any]] = []
+        self.lost: list[int] = []
+        self._on_revoke = on_revoke
+
+    def subscribe(self, topics: list[str], on_assign: Any = None, on_revoke: Any = None, on_lost: Any = None) -> None:
+        def assign(consumer: Any, partitions: list[Any]) -> None:
+            self.assigned.append(len(partitions))
+            on_assign(consumer, partitions)
+
+        def revoke(consumer: Any, partitions: list[Any]) -> None:
+            self.revoked.append((len(partitions), self._on_revoke(len(partitions)) if self._on_revoke else None))
+            on_revoke(consumer, partitions)
+
+        def lost(consumer: Any, partitions: list[Any]) -> None:
+            self.lost.append(len(partitions))
+            on_lost(consumer, partitions)
+
+        self._consumer.subscribe(topics, on_assign=assign, on_revoke=revoke, on_lost=lost)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)

@@ -125,9 +125,10 @@ def test_sigterm_mid_batch_exits_0_within_the_bound_and_a_restart_duplicates_not
     published_before = Counter(s["event_id"] for s in read_all(broker, topics["output"], idle=1.0))
     committed_at_exit = sum(committed_offsets(broker, topics["group"], topics["input"], 2).values())
     if finish:
-        # The batch generating at SIGTERM finished inside the allowance: it is published AND committed before exit.
-        assert committed_at_exit >= 40, "the first batch and the one generating at SIGTERM"
-        assert committed_at_exit == sum(published_before.values()), "exactly what was published is committed"
+        # The work generating at SIGTERM finished inside the allowance: it is published AND committed before exit.
+        if env["GENERATION_MODE"] == "micro_batch":
+            assert committed_at_exit >= 40, "the first batch and the one generating at SIGTERM"
+        assert committed_at_exit > 20 and committed_at_exit == sum(published_before.values()), "what was published is committed"
     figures[f"graceful_stop_{'finish' if finish else 'abandon'}"]["committed_at_exit"] = committed_at_exit
 
     restart = workers.start(worker_env(broker, topics, FAULT_TRACE=trace), name="restart")

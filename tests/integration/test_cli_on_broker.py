@@ -148,13 +148,6 @@ def test_broker_command_stops_cleanly_on_ctrl_c():
             process.wait(10)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="loop: a worker stopped mid-join closes its consumer before the join completes; Tansu then keeps the "
-    "group waiting for that member (the next member got no partitions for minutes). Fix in the loop: on a stop "
-    "request while the join is in progress, keep polling until the first assignment (bounded by "
-    "session.timeout.ms), then close (a LeaveGroup with a known member id).",
-)
 def test_a_worker_stopped_during_its_group_join_leaves_the_group_usable(broker, topics):
     create_topics(broker, topics, partitions=2)
     # librdkafka's default group timings: the join takes ~20 s on Tansu, so the SIGINT surely lands mid-join.
