@@ -149,18 +149,21 @@ class _Cleaner:
         ordered = sorted(control_tokens, key=len, reverse=True)  # longest first: <|im_start|> before <|im
         self.controls = re.compile("|".join(map(re.escape, ordered)), re.IGNORECASE) if ordered else None
         # The characters a match must start with: text without any of them needs no regex pass (the common case).
-        self.triggers = frozenset({"<"} | {c for token in ordered for c in (token[0].lower(), token[0].upper())})
+        self.triggers = tuple({"<"} | {c for token in ordered for c in (token[0].lower(), token[0].upper())})
 
     def __call__(self, text: str) -> str:
         if not text.isascii():  # ASCII is already NFKC and has no format characters
             text = FORMAT_CHARS.sub("", text)
             if not unicodedata.is_normalized("NFKC", text):
                 text = unicodedata.normalize("NFKC", text)
-        if any(trigger in text for trigger in self.triggers):
-            text = _DELIMITER.sub(_break, text)
-            if self.controls is not None:
-                text = self.controls.sub(_break, text)
+        for trigger in self.triggers:
+            if trigger in text:
+                return self._neutralise(text)
         return text
+
+    def _neutralise(self, text: str) -> str:
+        text = _DELIMITER.sub(_break, text)
+        return self.controls.sub(_break, text) if self.controls is not None else text
 
 
 @dataclass
@@ -248,10 +251,10 @@ class PromptBuilder:
                 self._check_controls(encoded.ids)
                 return self._prompt(event, slots, messages, encoded.ids, language)
             counts = self._counts(text, user, encoded)
-            # Piece counts miss by a token or so where a cut meets its neighbour: plan a little more than `over`,
-            # twice as much more on each correction.
+            # Piece counts miss by a token or so where a cut meets its neighbour: cut text by a little more than
+            # `over`, twice as much more on each correction.
             margin = (2 + over // 1000) << attempt
-            if not slots or not self._cut(slots, spans, counts, over + margin):
+            if not slots or not self._cut(slots, spans, counts, over, margin):
                 template = len(encoded.ids) - sum(counts.tokens(span.block) for span in spans)
                 raise self._too_long(
                     f"prompt needs about {template} tokens for the query and template alone and no search result fits "
@@ -285,13 +288,20 @@ class PromptBuilder:
     def _capped(self, raw: str, limit: int) -> tuple[str, bool]:
         """Cleaned text of at most `limit` characters, and whether any was left out. Cut before cleaning too, so
         a 4 MiB field costs what its first `limit` characters cost."""
+        if len(raw) <= limit:  # the common case: no copies
+            text = self._clean(raw)
+            return (text, False) if len(text) <= limit else (text[:limit], True)
         limit = max(0, limit)
         text = self._clean(raw[:limit])
-        return text[:limit], len(raw) > limit or len(text) > limit
+        return text[:limit], True
 
-    def _cut(self, slots: list[_Slot], spans: list[_Spans], counts: _Counts, need: int) -> bool:
-        """Remove about `need` tokens: lowest-ranked content first, then snippets, then whole results; at least one
-        result stays, so the last word on "too long" is an exact measurement. False: there was nothing to cut."""
+    def _cut(self, slots: list[_Slot], spans: list[_Spans], counts: _Counts, over: int, margin: int) -> bool:
+        """Remove `over` tokens: lowest-ranked content first, then snippets, then whole results; at least one result
+        stays, so the last word on "too long" is an exact measurement. False: there was nothing to cut.
+
+        Text is cut by `margin` more, for the re-tokenised edge of a cut; whole results are counted whole and
+        reliably, and each one is worth keeping, so dropping them takes no margin."""
+        need = over + margin
         removed = [0] * len(slots)
         for field in ("content", "snippet"):
             for index in range(len(slots) - 1, -1, -1):
@@ -301,6 +311,7 @@ class PromptBuilder:
                 removed[index] += gone
                 need -= gone
         kept = len(slots)
+        need = over - sum(removed)  # what is left to cut, without the margin
         if need > 0:  # no text left to cut: drop whole results from the bottom, as few as the counts allow
             sizes = [0]  # prefix sums of the results' remaining tokens, for a binary search on how many fit
             for span, gone in zip(spans, removed):
