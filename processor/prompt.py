@@ -140,9 +140,10 @@ def _break(match: re.Match[str]) -> str:
 class _Cleaner:
     """Makes untrusted text inert: it cannot close our delimiters nor produce one of the tokenizer's control tokens.
 
-    NFKC first, so full-width and other compatibility look-alikes (＜／search_results＞, ＜｜im_start｜＞) become the
-    ASCII they would be read as; format characters out, so zero-width characters cannot split a match; then every
-    delimiter and control string (any case) gets its first character swapped.
+    Format characters out, so zero-width characters cannot split a match; then NFKC, so full-width and other
+    compatibility look-alikes (＜／search_results＞, ＜｜im_start｜＞) become the ASCII they would be read as (no
+    NFKC mapping yields a format character, so none comes back); last, every delimiter and control string, in any
+    case, gets its first character swapped — after NFKC, which would otherwise rebuild them.
     """
 
     def __init__(self, control_tokens: frozenset[str]) -> None:
@@ -240,6 +241,8 @@ class PromptBuilder:
         if len(query) > self.char_budget:  # cannot fit at any tokenizer we support: do not even tokenise it
             raise self._too_long(f"a query of {len(query)} characters alone is over the budget")
         slots = self._slots(event.results, self.char_budget - len(query))
+        if not slots:
+            raise self._too_long(f"not even the top-ranked result's title and url fit beside a query of {len(query)} characters")
         system = ChatMessage("system", SYSTEM_TEMPLATE.format(language=language_name))
         for attempt in range(MAX_MEASUREMENTS):
             user, spans = self._user_message(query, language_name, slots)
@@ -254,7 +257,7 @@ class PromptBuilder:
             # Piece counts miss by a token or so where a cut meets its neighbour: cut text by a little more than
             # `over`, twice as much more on each correction.
             margin = (2 + over // 1000) << attempt
-            if not slots or not self._cut(slots, spans, counts, over, margin):
+            if not self._cut(slots, spans, counts, over, margin):
                 template = len(encoded.ids) - sum(counts.tokens(span.block) for span in spans)
                 raise self._too_long(
                     f"prompt needs about {template} tokens for the query and template alone and no search result fits "
@@ -271,9 +274,10 @@ class PromptBuilder:
         for result in results[:MAX_RESULTS_PER_EVENT]:
             title, title_cut = self._capped(result.title, MAX_TITLE_CHARS)
             url, url_cut = self._capped(result.url, MAX_URL_CHARS)
-            left -= len(title) + len(url) + _RESULT_OVERHEAD_CHARS
-            if left < 0:
+            size = len(title) + len(url) + _RESULT_OVERHEAD_CHARS
+            if size > left:
                 break
+            left -= size
             slots.append(_Slot(result, title, url, cut=title_cut or url_cut))
         for slot in slots:
             slot.snippet, cut = self._capped(slot.result.snippet, left)
@@ -291,7 +295,6 @@ class PromptBuilder:
         if len(raw) <= limit:  # the common case: no copies
             text = self._clean(raw)
             return (text, False) if len(text) <= limit else (text[:limit], True)
-        limit = max(0, limit)
         text = self._clean(raw[:limit])
         return text[:limit], True
 
@@ -397,7 +400,8 @@ class PromptBuilder:
         found = self._control_count(ids)
         if found != self._template_controls:
             raise ControlTokenError(
-                f"the event's text produced {found - self._template_controls} control token(s) the cleaner did not break"
+                f"the prompt holds {found} control tokens where the chat template puts {self._template_controls}: "
+                "the event's text produced some that cleaning did not break"
             )
 
     def _control_count(self, ids: Sequence[int]) -> int:

@@ -137,6 +137,22 @@ def test_results_past_the_cap_count_as_truncated_and_long_titles_and_urls_are_cu
     assert first.title == "T" * MAX_TITLE_CHARS and first.url == "U" * MAX_URL_CHARS
 
 
+def test_results_past_the_character_budget_leave_the_kept_ones_their_snippets() -> None:
+    # 100 urls of 2,000 characters are more text than 4,608 tokens could ever hold: the tail goes before tokenising,
+    # and what is kept keeps its text.
+    ev = event([{"rank": r, "title": f"t{r}", "url": "https://example.com/" + "a" * 2000, "snippet": f"snippet {r}", "content": None} for r in range(1, 101)])
+    prompt = PromptBuilder(RegexTokenizer(), 6144, 1536).build(ev)
+    assert 1 < prompt.results_used < 100
+    assert all(r.snippet == f"snippet {r.rank}" for r in prompt.event.results)
+    assert prompt.results_truncated == 100 - prompt.results_used, "only the dropped ones count"
+
+
+def test_a_budget_too_small_for_one_title_and_url_is_too_long_not_an_empty_prompt() -> None:
+    ev = event([{"rank": 1, "title": "t", "url": "https://example.com/" + "a" * 2000, "snippet": "s"}])
+    with pytest.raises(PromptTooLongError, match="VLLM_MAX_MODEL_LEN"):
+        PromptBuilder(RegexTokenizer(), 400, 300).build(ev)
+
+
 class CountingTokenizer:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
