@@ -6,8 +6,8 @@ first, then the lowest-ranked snippets, then whole lowest-ranked results; the qu
 query alone does not fit raises PromptTooLongError (→ DLQ).
 
 It runs on the polling thread, so its cost is bounded whatever the event holds (up to MAX_EVENT_BYTES):
-1. Untrusted text is capped by characters before anything is tokenised (MAX_RESULTS_PER_EVENT, MAX_TITLE_CHARS,
-   MAX_URL_CHARS, and no more text in all than could possibly fit the budget), then cleaned (`_Cleaner`).
+1. Untrusted text is capped before anything is tokenised (MAX_RESULTS_PER_EVENT, MAX_TITLE_CHARS, MAX_URL_CHARS,
+   and no more text in all than could possibly fit the budget), then cleaned (`_Cleaner`).
 2. The chat is rendered and tokenised once. Most events fit: that single pass is the whole cost.
 3. An event over budget reads each piece's token count off that same pass (token offsets), plans every cut on
    those counts — nearly additive — and is measured exactly once more. Only where boundary effects leave it over
@@ -92,9 +92,10 @@ FORMAT_CHARS = re.compile(
 # tokenizer treats as markup (and NFKC leaves alone), else a word joiner after it.
 _LOOKALIKE = {"<": "‹", ">": "›", "[": "⁅", "]": "⁆", "{": "❴", "}": "❵", "|": "¦"}
 _WORD_JOINER = "\u2060"
-# Past this many characters per token no tokenizer we support would still fit the budget: text beyond
-# budget × this, in the order it would be kept, cannot fit and is cut before tokenising.
-_MAX_CHARS_PER_TOKEN = 16
+# Past this many UTF-8 bytes a token no tokenizer we support would still fit the budget: text beyond budget × this,
+# in the order it would be kept, cannot fit and is cut before tokenising. Bytes, not characters: a Korean or Chinese
+# character is 3 bytes and about a token, so CJK text is capped as tightly as English (about 4 bytes a token).
+_MAX_BYTES_PER_TOKEN = 16
 
 
 class PromptTooLongError(RecordError):
@@ -214,8 +215,21 @@ def _template_parts(template: str) -> list[tuple[str, str | None]]:
 _USER_PARTS = _template_parts(USER_TEMPLATE)
 _RESULT_PARTS = _template_parts(RESULT_TEMPLATE)
 _CONTENT_HEAD, _CONTENT_TAIL = CONTENT_TEMPLATE.split("{content}")
-# Template characters around each result, for the character budget (rank digits aside).
-_RESULT_OVERHEAD_CHARS = len(RESULT_TEMPLATE.format(rank="", title="", url="", snippet="", content="")) + len(_CONTENT_HEAD + _CONTENT_TAIL)
+# Template bytes around each result (ASCII: a byte a character), for the byte budget (rank digits aside).
+_RESULT_OVERHEAD = len(RESULT_TEMPLATE.format(rank="", title="", url="", snippet="", content="")) + len(_CONTENT_HEAD + _CONTENT_TAIL)
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _prefix(text: str, max_chars: int, max_bytes: int) -> str:
+    """The longest prefix of at most `max_chars` characters and `max_bytes` UTF-8 bytes (the text itself if it fits)."""
+    text = text[:max_chars]
+    if text.isascii():
+        return text[:max_bytes]
+    data = text.encode("utf-8", "surrogatepass")
+    return text if len(data) <= max_bytes else data[:max_bytes].decode("utf-8", "ignore")
 
 
 class PromptBuilder:
@@ -226,7 +240,7 @@ class PromptBuilder:
             raise ValueError("max_model_len must exceed max_tokens")
         self.summary_language = summary_language
         self.version = PROMPT_VERSION
-        self.char_budget = self.budget * _MAX_CHARS_PER_TOKEN
+        self.byte_budget = self.budget * _MAX_BYTES_PER_TOKEN
         self._clean = _Cleaner(tokenizer.control_tokens)
         self._control_ids = tokenizer.control_token_ids
         self._template_controls: int | None = None  # control tokens the chat template itself puts in; on first use
@@ -238,9 +252,10 @@ class PromptBuilder:
         language = self.language_for(event)
         language_name = LANGUAGE_NAMES.get(language, language)
         query = self._clean(event.query)
-        if len(query) > self.char_budget:  # cannot fit at any tokenizer we support: do not even tokenise it
+        query_bytes = _utf8_size(query)
+        if query_bytes > self.byte_budget:  # cannot fit at any tokenizer we support: do not even tokenise it
             raise self._too_long(f"a query of {len(query)} characters alone is over the budget")
-        slots = self._slots(event.results, self.char_budget - len(query))
+        slots = self._slots(event.results, self.byte_budget - query_bytes)
         if not slots:
             raise self._too_long(f"not even the top-ranked result's title and url fit beside a query of {len(query)} characters")
         system = ChatMessage("system", SYSTEM_TEMPLATE.format(language=language_name))
@@ -266,37 +281,36 @@ class PromptBuilder:
         raise self._too_long(f"still over after {MAX_MEASUREMENTS} exact measurements")
 
     # ------------------------------------------------------------------------------------------- packing
-    def _slots(self, results: Sequence[SearchResult], char_budget: int) -> list[_Slot]:
+    def _slots(self, results: Sequence[SearchResult], byte_budget: int) -> list[_Slot]:
         """Clean and cap every result's text, in the order it would be kept: titles and urls, then snippets, then
-        contents. Whatever lies past `char_budget` characters cannot fit and is cut before any tokenising."""
-        left = char_budget
+        contents. Whatever lies past `byte_budget` UTF-8 bytes cannot fit and is cut before any tokenising."""
+        left = byte_budget
         slots: list[_Slot] = []
         for result in results[:MAX_RESULTS_PER_EVENT]:
-            title, title_cut = self._capped(result.title, MAX_TITLE_CHARS)
-            url, url_cut = self._capped(result.url, MAX_URL_CHARS)
-            size = len(title) + len(url) + _RESULT_OVERHEAD_CHARS
+            title, title_cut = self._capped(result.title, MAX_TITLE_CHARS, left)
+            url, url_cut = self._capped(result.url, MAX_URL_CHARS, left)
+            size = _utf8_size(title) + _utf8_size(url) + _RESULT_OVERHEAD
             if size > left:
                 break
             left -= size
             slots.append(_Slot(result, title, url, cut=title_cut or url_cut))
         for slot in slots:
-            slot.snippet, cut = self._capped(slot.result.snippet, left)
+            slot.snippet, cut = self._capped(slot.result.snippet, left, left)
             slot.cut |= cut
-            left -= len(slot.snippet)
+            left -= _utf8_size(slot.snippet)
         for slot in slots:
-            slot.content, cut = self._capped(slot.result.content or "", left)
+            slot.content, cut = self._capped(slot.result.content or "", left, left)
             slot.cut |= cut
-            left -= len(slot.content)
+            left -= _utf8_size(slot.content)
         return slots
 
-    def _capped(self, raw: str, limit: int) -> tuple[str, bool]:
-        """Cleaned text of at most `limit` characters, and whether any was left out. Cut before cleaning too, so
-        a 4 MiB field costs what its first `limit` characters cost."""
-        if len(raw) <= limit:  # the common case: no copies
-            text = self._clean(raw)
-            return (text, False) if len(text) <= limit else (text[:limit], True)
-        text = self._clean(raw[:limit])
-        return text[:limit], True
+    def _capped(self, raw: str, max_chars: int, max_bytes: int) -> tuple[str, bool]:
+        """Cleaned text within both limits, and whether any was left out. Cut before cleaning, so a 4 MiB field
+        costs what its first `max_bytes` cost, and after it, as NFKC may lengthen text."""
+        head = _prefix(raw, max_chars, max_bytes)
+        cleaned = self._clean(head)
+        text = _prefix(cleaned, max_chars, max_bytes)
+        return text, len(head) < len(raw) or len(text) < len(cleaned)
 
     def _cut(self, slots: list[_Slot], spans: list[_Spans], counts: _Counts, over: int, margin: int) -> bool:
         """Remove `over` tokens: lowest-ranked content first, then snippets, then whole results; at least one result
