@@ -259,6 +259,7 @@ class PromptBuilder:
         if not slots:
             raise self._too_long(f"not even the top-ranked result's title and url fit beside a query of {len(query)} characters")
         system = ChatMessage("system", SYSTEM_TEMPLATE.format(language=language_name))
+        planned = previous = 0
         for attempt in range(MAX_MEASUREMENTS):
             user, spans = self._user_message(query, language_name, slots)
             messages = (system, ChatMessage("user", user))
@@ -269,10 +270,14 @@ class PromptBuilder:
                 self._check_controls(encoded.ids)
                 return self._prompt(event, slots, messages, encoded.ids, language)
             counts = self._counts(text, user, encoded)
+            if planned:  # a correction: the last plan freed less than its counts said, so ask for that much more
+                over = -(-over * planned // max(1, previous - len(encoded.ids)))  # ceil; exact counts leave it as is
             # Piece counts miss by a token or so where a cut meets its neighbour: cut text by a little more than
-            # `over`, twice as much more on each correction.
-            margin = (2 + over // 1000) << attempt
-            if not self._cut(slots, spans, counts, over, margin):
+            # `over`; on a correction, which exact counts rarely need, by a growing share of `over` more as well.
+            margin = ((2 + over // 1000) << attempt) + over * ((1 << attempt) - 1) // 2
+            previous = len(encoded.ids)
+            planned = self._cut(slots, spans, counts, over, margin)
+            if not planned:
                 template = len(encoded.ids) - sum(counts.tokens(span.block) for span in spans)
                 raise self._too_long(
                     f"prompt needs about {template} tokens for the query and template alone and no search result fits "
@@ -312,9 +317,10 @@ class PromptBuilder:
         text = _prefix(cleaned, max_chars, max_bytes)
         return text, len(head) < len(raw) or len(text) < len(cleaned)
 
-    def _cut(self, slots: list[_Slot], spans: list[_Spans], counts: _Counts, over: int, margin: int) -> bool:
+    def _cut(self, slots: list[_Slot], spans: list[_Spans], counts: _Counts, over: int, margin: int) -> int:
         """Remove `over` tokens: lowest-ranked content first, then snippets, then whole results; at least one result
-        stays, so the last word on "too long" is an exact measurement. False: there was nothing to cut.
+        stays, so the last word on "too long" is an exact measurement. The tokens it removed, by the counts; 0: there
+        was nothing to cut.
 
         Text is cut by `margin` more, for the re-tokenised edge of a cut; whole results are counted whole and
         reliably, and each one is worth keeping, so dropping them takes no margin."""
@@ -327,15 +333,16 @@ class PromptBuilder:
                 gone = self._shorten(slots[index], field, spans[index], counts, need)
                 removed[index] += gone
                 need -= gone
-        kept = len(slots)
-        need = over - sum(removed)  # what is left to cut, without the margin
+        cut = sum(removed)
+        need = over - cut  # what is left to cut, without the margin
         if need > 0:  # no text left to cut: drop whole results from the bottom, as few as the counts allow
             sizes = [0]  # prefix sums of the results' remaining tokens, for a binary search on how many fit
             for span, gone in zip(spans, removed):
                 sizes.append(sizes[-1] + counts.tokens(span.block) - gone)
             kept = max(1, bisect_right(sizes, sizes[-1] - need) - 1)
+            cut += sizes[-1] - sizes[kept]
             del slots[kept:]
-        return any(removed) or kept < len(spans)
+        return cut
 
     @staticmethod
     def _shorten(slot: _Slot, field: str, spans: _Spans, counts: _Counts, need: int) -> int:

@@ -32,7 +32,7 @@ class RegexTokenizer:
 
     _ROLES = ("system", "user", "assistant")
     _CONTROL = {_ROLE_MARKER.format(role=role): 0x10000 + index for index, role in enumerate(_ROLES)}
-    _PATTERN = re.compile("|".join(re.escape(marker) for marker in _CONTROL) + r"|\w+|[^\w\s]", re.UNICODE)
+    _PATTERN = re.compile("|".join([*map(re.escape, _CONTROL), _TOKEN.pattern]), re.UNICODE)  # markers first
     control_tokens = frozenset(_CONTROL)
     control_token_ids = frozenset(_CONTROL.values())
 

@@ -48,7 +48,7 @@ class HFChatTokenizer:
             encoding = encodings[0]
             return Encoded(ids, lambda: [start for start, _ in encoding.offsets])
         # A slow tokenizer has no offsets: spread the tokens evenly over the text. The builder treats starts as an
-        # estimate and always re-measures exactly, so this costs correction passes, never a wrong prompt.
+        # estimate and always re-measures exactly, so a poor one costs correction passes, never a wrong prompt.
         length, count = len(text), max(1, len(ids))
         return Encoded(ids, lambda: [index * length // count for index in range(len(ids))])
 

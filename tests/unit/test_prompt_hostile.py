@@ -22,6 +22,7 @@ from processor.errors import RecordError
 from processor.events import SearchEvent, validate_event
 from processor.prompt import (
     FORMAT_CHARS,
+    MAX_MEASUREMENTS,
     MAX_RESULTS_PER_EVENT,
     MAX_TITLE_CHARS,
     MAX_URL_CHARS,
@@ -179,6 +180,33 @@ def test_an_event_that_fits_costs_one_tokenizer_pass_and_one_that_does_not_two(t
     counting.passes = 0
     prompt = builder.build(validate_event(raw))
     assert prompt.results_truncated >= 1 and counting.passes == 2, "one measurement, the planned cut, one exact check"
+
+
+class SlowTokenizerProxy:
+    """A Hugging Face tokenizer that, like a slow (Python) one, returns no Rust encodings and so no offsets."""
+
+    def __init__(self, hf: Any) -> None:
+        self._hf = hf
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._hf, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return dict(self._hf(*args, **kwargs))
+
+
+@pytest.mark.parametrize("rank_words", [(30, 600), (5, 2000), (80, 40)])
+def test_a_tokenizer_without_offsets_still_packs_exactly(hf_tokenizer: HFChatTokenizer, rank_words: tuple[int, int]) -> None:
+    results, words = rank_words
+    slow = CountingTokenizer(HFChatTokenizer(SlowTokenizerProxy(hf_tokenizer.hf)))
+    raw = make_event(9, results=results)
+    for result in raw["results"]:
+        result["content"] = "배터리 " * (words // 4) + prose(words, result["rank"]) + " https://example.com/" + "q" * words
+    ev = validate_event(raw)
+    prompt = PromptBuilder(slow, 6144, 1536).build(ev)
+    assert_well_packed(prompt, ev, hf_tokenizer, 0.0)
+    # Offsets estimated, so corrections may be needed, never more than MAX_MEASUREMENTS (+1: the first-use probe).
+    assert slow.passes <= MAX_MEASUREMENTS + 1
 
 
 # ----------------------------------------------------------------------------------------------- control tokens
