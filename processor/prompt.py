@@ -250,7 +250,6 @@ class PromptBuilder:
 
     def build(self, event: SearchEvent) -> Prompt:
         language = self.language_for(event)
-        language_name = LANGUAGE_NAMES.get(language, language)
         query = self._clean(event.query)
         query_bytes = _utf8_size(query)
         if query_bytes > self.byte_budget:  # cannot fit at any tokenizer we support: do not even tokenise it
@@ -258,6 +257,11 @@ class PromptBuilder:
         slots = self._slots(event.results, self.byte_budget - query_bytes)
         if not slots:
             raise self._too_long(f"not even the top-ranked result's title and url fit beside a query of {len(query)} characters")
+        return self._pack(event, query, language, slots)
+
+    def _pack(self, event: SearchEvent, query: str, language: str, slots: list[_Slot]) -> Prompt:
+        """Measure exactly; if over budget, plan the cut on the piece counts of that measurement and measure again."""
+        language_name = LANGUAGE_NAMES.get(language, language)
         system = ChatMessage("system", SYSTEM_TEMPLATE.format(language=language_name))
         planned = previous = 0
         for attempt in range(MAX_MEASUREMENTS):
@@ -270,13 +274,10 @@ class PromptBuilder:
                 self._check_controls(encoded.ids)
                 return self._prompt(event, slots, messages, encoded.ids, language)
             counts = self._counts(text, user, encoded)
-            if planned:  # a correction: the last plan freed less than its counts said, so ask for that much more
-                over = -(-over * planned // max(1, previous - len(encoded.ids)))  # ceil; exact counts leave it as is
-            # Piece counts miss by a token or so where a cut meets its neighbour: cut text by a little more than
-            # `over`; on a correction, which exact counts rarely need, by a growing share of `over` more as well.
-            margin = ((2 + over // 1000) << attempt) + over * ((1 << attempt) - 1) // 2
+            if planned:  # a correction
+                over = _calibrated(over, planned, freed=previous - len(encoded.ids))
             previous = len(encoded.ids)
-            planned = self._cut(slots, spans, counts, over, margin)
+            planned = self._cut(slots, spans, counts, over, _margin(over, attempt))
             if not planned:
                 template = len(encoded.ids) - sum(counts.tokens(span.block) for span in spans)
                 raise self._too_long(
@@ -445,6 +446,18 @@ class PromptBuilder:
         return PromptTooLongError(
             f"{what}; every search result cut, the budget is VLLM_MAX_MODEL_LEN − SAMPLING_MAX_TOKENS = {self.budget} tokens"
         )
+
+
+def _margin(over: int, attempt: int) -> int:
+    """Piece counts miss by a token or so where a cut meets its neighbour: cut text by a little more than `over`;
+    on a correction, which exact counts rarely need, by a growing share of `over` more as well."""
+    return ((2 + over // 1000) << attempt) + over * ((1 << attempt) - 1) // 2
+
+
+def _calibrated(over: int, planned: int, freed: int) -> int:
+    """`over` scaled up by how much less the last plan freed than its counts said (as is for exact counts, which
+    free what they say; estimated ones, from a tokenizer without offsets, may not)."""
+    return max(over, -(-over * planned // max(1, freed)))
 
 
 def _packed(slot: _Slot) -> SearchResult:
