@@ -31,7 +31,7 @@ from confluent_kafka import Consumer, Producer  # noqa: E402
 
 from processor.broker import EmbeddedBroker, ensure_topics  # noqa: E402
 from processor.codec import EVENT_SCHEMA, SUMMARY_SCHEMA, AvroCodec  # noqa: E402
-from processor.engines.base import ChatMessage, Generation, Prompt  # noqa: E402
+from processor.engines.base import ChatMessage, Encoded, Generation, Prompt  # noqa: E402
 from processor.loop import Worker  # noqa: E402
 from processor.metrics import Metrics  # noqa: E402
 from processor.settings import load_settings  # noqa: E402
@@ -44,8 +44,17 @@ RESULTS = ROOT / "bench" / "results"
 class ByteCountTokenizer:
     """Zero-cost: about four bytes a token, no vocabulary."""
 
+    control_tokens: frozenset[str] = frozenset()
+    control_token_ids: frozenset[int] = frozenset()
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        return "".join(m.content for m in messages)
+
+    def encode(self, text: str) -> Encoded:
+        return Encoded(range(len(text) // 4 + 8), lambda: [i * 4 for i in range(len(text) // 4 + 8)])
+
     def chat_token_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
-        return list(range(sum(len(m.content) for m in messages) // 4 + 8))
+        return list(self.encode(self.render_chat(messages)).ids)
 
     def count(self, text: str) -> int:
         return len(text) // 4

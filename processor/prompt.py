@@ -4,15 +4,27 @@ Budget = max_model_len − max_tokens (the completion must still fit), measured 
 so template overhead is counted, not guessed. When the results do not fit, the lowest-ranked `content` is cut
 first, then the lowest-ranked snippets, then whole lowest-ranked results; the query is never cut. An event whose
 query alone does not fit raises PromptTooLongError (→ DLQ).
+
+It runs on the polling thread, so its cost is bounded whatever the event holds (up to MAX_EVENT_BYTES):
+1. Untrusted text is capped before anything is tokenised (MAX_RESULTS_PER_EVENT, MAX_TITLE_CHARS, MAX_URL_CHARS,
+   and no more text in all than could possibly fit the budget), then cleaned (`_Cleaner`).
+2. The chat is rendered and tokenised once. Most events fit: that single pass is the whole cost.
+3. An event over budget reads each piece's token count off that same pass (token offsets), plans every cut on
+   those counts — nearly additive — and is measured exactly once more. Only where boundary effects leave it over
+   is the plan redone from the new measurement, with a growing margin: at most MAX_MEASUREMENTS passes in all.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
+from string import Formatter
+from typing import Sequence
 
-from processor.engines.base import ChatMessage, Prompt, Tokenizer
+from processor.engines.base import ChatMessage, Encoded, Prompt, Tokenizer
 from processor.errors import RecordError
 from processor.events import SearchEvent, SearchResult
 
@@ -36,6 +48,18 @@ PROMPT_VERSION = "p-" + hashlib.sha256(
     "\x1e".join((SYSTEM_TEMPLATE, USER_TEMPLATE, RESULT_TEMPLATE, CONTENT_TEMPLATE)).encode()
 ).hexdigest()[:12]
 
+# Input limits, applied before anything is tokenised. Whatever they leave out counts in results_truncated.
+# A summary cites a handful of results; past 100 more ranks only cost tokenizer time on the polling thread.
+MAX_RESULTS_PER_EVENT = 100
+# A search title is ~60 characters; 512 keeps any real one whole and stops a "title" from being a page.
+MAX_TITLE_CHARS = 512
+# 2048 is the de-facto URL limit of browsers and CDNs; longer ones are tracking payloads, not addresses.
+MAX_URL_CHARS = 2048
+# The longest BCP-47 tags in use (language-script-region-variant) are well under 35 characters.
+MAX_LANGUAGE_CHARS = 35
+# Exact tokenizer passes per event: the first, the one after the planned cut, and two corrections at most.
+MAX_MEASUREMENTS = 4
+
 LANGUAGE_NAMES = {
     "ko": "Korean (한국어)",
     "en": "English",
@@ -48,43 +72,164 @@ LANGUAGE_NAMES = {
 _HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
 _KANA = re.compile(r"[\u3040-\u30ff]")
 _HAN = re.compile(r"[\u4e00-\u9fff]")
+# A query's script shows in its first characters; scanning a 4 MiB one three times would cost 100 ms.
+_DETECT_CHARS = 1024
+# A BCP-47-like tag: a 2–3 letter language, then subtags (script, region, variant). Anything else is not a language.
+_LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*")
+# Codes that name no language to write in (undetermined, multiple, no linguistic content): detect instead.
+_NOT_A_LANGUAGE = frozenset({"und", "mul", "zxx", "mis"})
 # Web text may close our delimiters to escape them; neutralise any tag we use inside untrusted text.
-_DELIMITER = re.compile(r"</?\s*(search_results|result|query)\b", re.IGNORECASE)
-# Past this many characters per token no tokenizer we support would still fit the budget: cap huge texts before
-# tokenising them, so a 10 MB page costs microseconds, not seconds.
-_MAX_CHARS_PER_TOKEN = 16
+_DELIMITER = re.compile(r"<\s*/?\s*(search_results|result|query)\b", re.IGNORECASE)
+# Unicode format characters (category Cf: zero-width spaces and joiners, bidi controls, tag characters, soft
+# hyphen, BOM, …) are invisible but split a delimiter or a control string apart so no match sees it: drop them.
+# Generated from unicodedata (Unicode 14, Python 3.11); tests/unit/test_prompt.py checks it against the running one.
+FORMAT_CHARS = re.compile(
+    "[\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064"
+    "\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3"
+    "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]"
+)
+# What breaks a matched delimiter or control string: its first character swapped for a look-alike that no
+# tokenizer treats as markup (and NFKC leaves alone), else a word joiner after it.
+_LOOKALIKE = {"<": "‹", ">": "›", "[": "⁅", "]": "⁆", "{": "❴", "}": "❵", "|": "¦"}
+_WORD_JOINER = "\u2060"
+# Past this many UTF-8 bytes a token no tokenizer we support would still fit the budget: text beyond budget × this,
+# in the order it would be kept, cannot fit and is cut before tokenising. Bytes, not characters: a Korean or Chinese
+# character is 3 bytes and about a token, so CJK text is capped as tightly as English (about 4 bytes a token).
+_MAX_BYTES_PER_TOKEN = 16
 
 
 class PromptTooLongError(RecordError):
     """Even with every result cut, the prompt does not fit max_model_len − max_tokens."""
 
 
+class ControlTokenError(RecordError):
+    """The event's text still produced a control token after cleaning (a tokenizer we do not know how to escape)."""
+
+
+def language_tag(value: str | None) -> str | None:
+    """The primary subtag of a BCP-47-like language tag, lower-cased ("ko-KR", "EN_us" → "ko", "en"), or None for
+    anything that is not one: a producer's bad `language` means "detect it", never a dead letter or prompt text."""
+    if not value or len(value) > MAX_LANGUAGE_CHARS:
+        return None
+    tag = unicodedata.normalize("NFKC", value).strip().replace("_", "-")
+    if not _LANGUAGE_TAG.fullmatch(tag):  # fullmatch: "$" would accept a trailing newline
+        return None
+    primary = tag.split("-", 1)[0].lower()
+    return None if primary in _NOT_A_LANGUAGE else primary
+
+
 def detect_language(event: SearchEvent) -> str:
-    if event.language:
-        return event.language.split("-")[0].lower()
-    if _HANGUL.search(event.query):
+    tag = language_tag(event.language)
+    if tag:
+        return tag
+    head = event.query[:_DETECT_CHARS]
+    if _HANGUL.search(head):
         return "ko"
-    if _KANA.search(event.query):
+    if _KANA.search(head):
         return "ja"
-    if _HAN.search(event.query):
+    if _HAN.search(head):
         return "zh"
     return "en"
 
 
-def _neutralise(text: str) -> str:
-    if "<" not in text:  # the common case, and a regex pass per field is the builder's biggest cost
+def _break(match: re.Match[str]) -> str:
+    text = match.group(0)
+    first = text[0]
+    return _LOOKALIKE.get(first, first + _WORD_JOINER) + text[1:]
+
+
+class _Cleaner:
+    """Makes untrusted text inert: it cannot close our delimiters nor produce one of the tokenizer's control tokens.
+
+    Format characters out, so zero-width characters cannot split a match; then NFKC, so full-width and other
+    compatibility look-alikes (＜／search_results＞, ＜｜im_start｜＞) become the ASCII they would be read as (no
+    NFKC mapping yields a format character, so none comes back); last, every delimiter and control string, in any
+    case, gets its first character swapped — after NFKC, which would otherwise rebuild them.
+    """
+
+    def __init__(self, control_tokens: frozenset[str]) -> None:
+        ordered = sorted(control_tokens, key=len, reverse=True)  # longest first: <|im_start|> before <|im
+        self.controls = re.compile("|".join(map(re.escape, ordered)), re.IGNORECASE) if ordered else None
+        # The characters a match must start with: text without any of them needs no regex pass (the common case).
+        self.triggers = tuple({"<"} | {c for token in ordered for c in (token[0].lower(), token[0].upper())})
+
+    def __call__(self, text: str) -> str:
+        if not text.isascii():  # ASCII is already NFKC and has no format characters
+            text = FORMAT_CHARS.sub("", text)
+            if not unicodedata.is_normalized("NFKC", text):
+                text = unicodedata.normalize("NFKC", text)
+        for trigger in self.triggers:
+            if trigger in text:
+                return self._neutralise(text)
         return text
-    return _DELIMITER.sub(lambda m: m.group(0).replace("<", "‹"), text)
+
+    def _neutralise(self, text: str) -> str:
+        text = _DELIMITER.sub(_break, text)
+        return self.controls.sub(_break, text) if self.controls is not None else text
 
 
 @dataclass
 class _Slot:
+    """One result as it goes into the prompt: its cleaned, possibly cut text."""
+
     result: SearchResult
-    snippet: str
-    content: str
-    cut: bool = False
-    snippet_tokens: int = -1  # counted only when the budget forces a cut
-    content_tokens: int = -1
+    title: str
+    url: str
+    snippet: str = ""
+    content: str = ""
+    cut: bool = False  # some of this result's text was left out
+
+
+@dataclass(frozen=True)
+class _Spans:
+    """Where one result's pieces sit in the user message (character offsets)."""
+
+    block: tuple[int, int]
+    snippet: tuple[int, int]
+    content: tuple[int, int]  # the content text itself
+    content_line: tuple[int, int]  # "content: …\n", all of which goes when the content does
+
+
+class _Counts:
+    """Token counts of pieces of the rendered chat, read off one encoding's token offsets."""
+
+    def __init__(self, starts: Sequence[int], base: int) -> None:
+        self.starts = starts
+        self.base = base  # where the user message starts in the encoded text
+
+    def tokens(self, span: tuple[int, int]) -> int:
+        return bisect_left(self.starts, self.base + span[1]) - bisect_left(self.starts, self.base + span[0])
+
+    def prefix_chars(self, span: tuple[int, int], keep: int) -> int:
+        """Characters of the piece that hold its first `keep` tokens."""
+        index = bisect_left(self.starts, self.base + span[0]) + keep
+        if index >= len(self.starts):
+            return span[1] - span[0]
+        return max(0, min(span[1], self.starts[index] - self.base) - span[0])
+
+
+def _template_parts(template: str) -> list[tuple[str, str | None]]:
+    return [(literal, field) for literal, field, _, _ in Formatter().parse(template)]
+
+
+_USER_PARTS = _template_parts(USER_TEMPLATE)
+_RESULT_PARTS = _template_parts(RESULT_TEMPLATE)
+_CONTENT_HEAD, _CONTENT_TAIL = CONTENT_TEMPLATE.split("{content}")
+# Template bytes around each result (ASCII: a byte a character), for the byte budget (rank digits aside).
+_RESULT_OVERHEAD = len(RESULT_TEMPLATE.format(rank="", title="", url="", snippet="", content="")) + len(_CONTENT_HEAD + _CONTENT_TAIL)
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _prefix(text: str, max_chars: int, max_bytes: int) -> str:
+    """The longest prefix of at most `max_chars` characters and `max_bytes` UTF-8 bytes (the text itself if it fits)."""
+    text = text[:max_chars]
+    if text.isascii():
+        return text[:max_bytes]
+    data = text.encode("utf-8", "surrogatepass")
+    return text if len(data) <= max_bytes else data[:max_bytes].decode("utf-8", "ignore")
 
 
 class PromptBuilder:
@@ -95,89 +240,227 @@ class PromptBuilder:
             raise ValueError("max_model_len must exceed max_tokens")
         self.summary_language = summary_language
         self.version = PROMPT_VERSION
+        self.byte_budget = self.budget * _MAX_BYTES_PER_TOKEN
+        self._clean = _Cleaner(tokenizer.control_tokens)
+        self._control_ids = tokenizer.control_token_ids
+        self._template_controls: int | None = None  # control tokens the chat template itself puts in; on first use
 
     def language_for(self, event: SearchEvent) -> str:
         return detect_language(event) if self.summary_language == "auto" else self.summary_language
 
     def build(self, event: SearchEvent) -> Prompt:
         language = self.language_for(event)
+        query = self._clean(event.query)
+        query_bytes = _utf8_size(query)
+        if query_bytes > self.byte_budget:  # cannot fit at any tokenizer we support: do not even tokenise it
+            raise self._too_long(f"a query of {len(query)} characters alone is over the budget")
+        slots = self._slots(event.results, self.byte_budget - query_bytes)
+        if not slots:
+            raise self._too_long(f"not even the top-ranked result's title and url fit beside a query of {len(query)} characters")
+        return self._pack(event, query, language, slots)
+
+    def _pack(self, event: SearchEvent, query: str, language: str, slots: list[_Slot]) -> Prompt:
+        """Measure exactly; if over budget, plan the cut on the piece counts of that measurement and measure again."""
         language_name = LANGUAGE_NAMES.get(language, language)
-        char_cap = self.budget * _MAX_CHARS_PER_TOKEN
-        slots = [self._slot(r, char_cap) for r in event.results]
+        system = ChatMessage("system", SYSTEM_TEMPLATE.format(language=language_name))
+        planned = previous = 0
+        for attempt in range(MAX_MEASUREMENTS):
+            user, spans = self._user_message(query, language_name, slots)
+            messages = (system, ChatMessage("user", user))
+            text = self.tokenizer.render_chat(messages)
+            encoded = self.tokenizer.encode(text)
+            over = len(encoded.ids) - self.budget
+            if over <= 0:
+                self._check_controls(encoded.ids)
+                return self._prompt(event, slots, messages, encoded.ids, language)
+            counts = self._counts(text, user, encoded)
+            if planned:  # a correction
+                over = _calibrated(over, planned, freed=previous - len(encoded.ids))
+            previous = len(encoded.ids)
+            planned = self._cut(slots, spans, counts, over, _margin(over, attempt))
+            if not planned:
+                template = len(encoded.ids) - sum(counts.tokens(span.block) for span in spans)
+                raise self._too_long(
+                    f"prompt needs about {template} tokens for the query and template alone and no search result fits "
+                    f"beside it (query of {len(event.query)} chars)"
+                )
+        raise self._too_long(f"still over after {MAX_MEASUREMENTS} exact measurements")
 
-        # First try everything; most events fit and pay one tokenisation.
-        messages = self._messages(event.query, language_name, slots)
-        ids = self.tokenizer.chat_token_ids(messages)
-        over = len(ids) - self.budget
-        # Then cut text by estimate (token counts are nearly additive), re-measuring exactly after each pass …
-        for _attempt in range(6):
-            if over <= 0 or not self._cut_text(slots, over + 4 + over // 50):
+    # ------------------------------------------------------------------------------------------- packing
+    def _slots(self, results: Sequence[SearchResult], byte_budget: int) -> list[_Slot]:
+        """Clean and cap every result's text, in the order it would be kept: titles and urls, then snippets, then
+        contents. Whatever lies past `byte_budget` UTF-8 bytes cannot fit and is cut before any tokenising."""
+        left = byte_budget
+        slots: list[_Slot] = []
+        for result in results[:MAX_RESULTS_PER_EVENT]:
+            title, title_cut = self._capped(result.title, MAX_TITLE_CHARS, left)
+            url, url_cut = self._capped(result.url, MAX_URL_CHARS, left)
+            size = _utf8_size(title) + _utf8_size(url) + _RESULT_OVERHEAD
+            if size > left:
                 break
-            messages = self._messages(event.query, language_name, slots)
-            ids = self.tokenizer.chat_token_ids(messages)
-            over = len(ids) - self.budget
-        # … and when no text is left to cut, drop whole lowest-ranked results, one at a time, measured exactly.
-        while over > 0 and slots:
-            slots.pop()
-            messages = self._messages(event.query, language_name, slots)
-            ids = self.tokenizer.chat_token_ids(messages)
-            over = len(ids) - self.budget
-        if over > 0 or not slots:
-            empty = self.tokenizer.chat_token_ids(self._messages(event.query, language_name, []))
-            raise PromptTooLongError(
-                f"prompt needs {len(empty)} tokens for the query and template alone and no search result fits beside it "
-                f"(every search result cut; query of {len(event.query)} chars); the budget is "
-                f"VLLM_MAX_MODEL_LEN − SAMPLING_MAX_TOKENS = {self.budget} tokens"
-            )
-        if len(slots) == len(event.results) and all(s.snippet == s.result.snippet and s.content == (s.result.content or "") for s in slots):
-            packed = event  # nothing cut or rewritten: no copies on the common path
-        else:
-            packed = event.model_copy(
-                update={"results": tuple(s.result.model_copy(update={"snippet": s.snippet, "content": s.content or None}) for s in slots)}
-            )
-        truncated = sum(1 for s in slots if s.cut) + (len(event.results) - len(slots))
-        return Prompt(packed, tuple(messages), tuple(ids), language, len(slots), truncated)
-
-    def _slot(self, result: SearchResult, char_cap: int) -> _Slot:
-        snippet = _neutralise(result.snippet[:char_cap])
-        content = _neutralise((result.content or "")[:char_cap])
-        return _Slot(result, snippet, content, len(result.snippet) > char_cap or len(result.content or "") > char_cap)
-
-    def _cut_text(self, slots: list[_Slot], need: int) -> bool:
-        """Remove about `need` tokens of text: lowest-ranked content first, then snippets. False: nothing left to cut."""
+            left -= size
+            slots.append(_Slot(result, title, url, cut=title_cut or url_cut))
         for slot in slots:
-            if slot.snippet_tokens < 0:
-                slot.snippet_tokens = self.tokenizer.count(slot.snippet)
-                slot.content_tokens = self.tokenizer.count(slot.content) if slot.content else 0
-        if all(slot.snippet_tokens == 0 and slot.content_tokens == 0 for slot in slots):
-            return False
-        for field in ("content", "snippet"):
-            for slot in reversed(slots):
-                if need <= 0:
-                    return True
-                have = getattr(slot, f"{field}_tokens")
-                if have == 0:
-                    continue
-                keep = max(0, have - need)
-                text = self.tokenizer.truncate(getattr(slot, field), keep) if keep else ""
-                setattr(slot, field, text)
-                setattr(slot, f"{field}_tokens", keep)
-                slot.cut = True
-                need -= have - keep
-        return True
+            slot.snippet, cut = self._capped(slot.result.snippet, left, left)
+            slot.cut |= cut
+            left -= _utf8_size(slot.snippet)
+        for slot in slots:
+            slot.content, cut = self._capped(slot.result.content or "", left, left)
+            slot.cut |= cut
+            left -= _utf8_size(slot.content)
+        return slots
 
-    def _messages(self, query: str, language_name: str, slots: list[_Slot]) -> list[ChatMessage]:
-        results = "".join(
-            RESULT_TEMPLATE.format(
-                rank=s.result.rank,
-                title=_neutralise(s.result.title),
-                url=_neutralise(s.result.url),
-                snippet=s.snippet,
-                content=CONTENT_TEMPLATE.format(content=s.content) if s.content else "",
+    def _capped(self, raw: str, max_chars: int, max_bytes: int) -> tuple[str, bool]:
+        """Cleaned text within both limits, and whether any was left out. Cut before cleaning, so a 4 MiB field
+        costs what its first `max_bytes` cost, and after it, as NFKC may lengthen text."""
+        head = _prefix(raw, max_chars, max_bytes)
+        cleaned = self._clean(head)
+        text = _prefix(cleaned, max_chars, max_bytes)
+        return text, len(head) < len(raw) or len(text) < len(cleaned)
+
+    def _cut(self, slots: list[_Slot], spans: list[_Spans], counts: _Counts, over: int, margin: int) -> int:
+        """Remove `over` tokens: lowest-ranked content first, then snippets, then whole results; at least one result
+        stays, so the last word on "too long" is an exact measurement. The tokens it removed, by the counts; 0: there
+        was nothing to cut.
+
+        Text is cut by `margin` more, for the re-tokenised edge of a cut; whole results are counted whole and
+        reliably, and each one is worth keeping, so dropping them takes no margin."""
+        need = over + margin
+        removed = [0] * len(slots)
+        for field in ("content", "snippet"):
+            for index in range(len(slots) - 1, -1, -1):
+                if need <= 0:
+                    break
+                gone = self._shorten(slots[index], field, spans[index], counts, need)
+                removed[index] += gone
+                need -= gone
+        cut = sum(removed)
+        need = over - cut  # what is left to cut, without the margin
+        if need > 0:  # no text left to cut: drop whole results from the bottom, as few as the counts allow
+            sizes = [0]  # prefix sums of the results' remaining tokens, for a binary search on how many fit
+            for span, gone in zip(spans, removed):
+                sizes.append(sizes[-1] + counts.tokens(span.block) - gone)
+            kept = max(1, bisect_right(sizes, sizes[-1] - need) - 1)
+            cut += sizes[-1] - sizes[kept]
+            del slots[kept:]
+        return cut
+
+    @staticmethod
+    def _shorten(slot: _Slot, field: str, spans: _Spans, counts: _Counts, need: int) -> int:
+        """Cut one snippet or content by about `need` tokens (all of it if it has no more); the tokens it freed."""
+        text = getattr(slot, field)
+        if not text:
+            return 0
+        span = spans.content if field == "content" else spans.snippet
+        have = counts.tokens(span)
+        keep_chars = counts.prefix_chars(span, have - need) if need < have else 0
+        setattr(slot, field, text[:keep_chars])
+        slot.cut = True
+        if keep_chars:
+            return need
+        # All of it goes; a content takes its "content: " line along.
+        return counts.tokens(spans.content_line) if field == "content" else have
+
+    # ------------------------------------------------------------------------------------------- rendering
+    def _user_message(self, query: str, language_name: str, slots: list[_Slot]) -> tuple[str, list[_Spans]]:
+        """The user message and where each result's pieces sit in it."""
+        out: list[str] = []
+        spans: list[_Spans] = []
+        position = 0
+        for literal, field in _USER_PARTS:
+            out.append(literal)
+            position += len(literal)
+            if field == "results":
+                for slot in slots:
+                    position = self._result_block(slot, out, spans, position)
+            elif field is not None:
+                value = query if field == "query" else language_name
+                out.append(value)
+                position += len(value)
+        return "".join(out), spans
+
+    @staticmethod
+    def _result_block(slot: _Slot, out: list[str], spans: list[_Spans], position: int) -> int:
+        start = position
+        snippet = content = content_line = (position, position)
+        for literal, field in _RESULT_PARTS:
+            out.append(literal)
+            position += len(literal)
+            if field == "snippet":
+                out.append(slot.snippet)
+                snippet = (position, position + len(slot.snippet))
+                position = snippet[1]
+            elif field == "content":
+                if slot.content:
+                    line = _CONTENT_HEAD + slot.content + _CONTENT_TAIL
+                    out.append(line)
+                    content_line = (position, position + len(line))
+                    content = (position + len(_CONTENT_HEAD), position + len(_CONTENT_HEAD) + len(slot.content))
+                    position = content_line[1]
+            elif field is not None:
+                value = str(slot.result.rank) if field == "rank" else getattr(slot, field)
+                out.append(value)
+                position += len(value)
+        spans.append(_Spans((start, position), snippet, content, content_line))
+        return position
+
+    def _counts(self, text: str, user: str, encoded: Encoded) -> _Counts:
+        base = text.find(user)
+        if base >= 0:
+            return _Counts(encoded.starts, base)
+        # A chat template that rewrites message content: count the user message on its own (nearly the same).
+        return _Counts(self.tokenizer.encode(user).starts, 0)
+
+    # ------------------------------------------------------------------------------------------- result
+    def _check_controls(self, ids: Sequence[int]) -> None:
+        """Belt and braces for the cleaner: the prompt holds exactly the control tokens the template put there."""
+        if not self._control_ids:
+            return
+        if self._template_controls is None:
+            probe = (ChatMessage("system", "s"), ChatMessage("user", "u"))
+            self._template_controls = self._control_count(self.tokenizer.encode(self.tokenizer.render_chat(probe)).ids)
+        found = self._control_count(ids)
+        if found != self._template_controls:
+            raise ControlTokenError(
+                f"the prompt holds {found} control tokens where the chat template puts {self._template_controls}: "
+                "the event's text produced some that cleaning did not break"
             )
+
+    def _control_count(self, ids: Sequence[int]) -> int:
+        return sum(map(self._control_ids.__contains__, ids))
+
+    def _prompt(self, event: SearchEvent, slots: list[_Slot], messages: tuple[ChatMessage, ...], ids: Sequence[int], language: str) -> Prompt:
+        results = event.results
+        unchanged = len(slots) == len(results) and all(
+            s.title == s.result.title and s.url == s.result.url and s.snippet == s.result.snippet and s.content == (s.result.content or "")
             for s in slots
         )
-        return [
-            ChatMessage("system", SYSTEM_TEMPLATE.format(language=language_name)),
-            ChatMessage("user", USER_TEMPLATE.format(query=_neutralise(query), results=results, language=language_name)),
-        ]
+        if unchanged:
+            packed = event  # nothing cut or rewritten: no copies on the common path
+        else:
+            packed = event.model_copy(update={"results": tuple(_packed(s) for s in slots)})
+        truncated = sum(1 for s in slots if s.cut) + (len(results) - len(slots))
+        return Prompt(packed, messages, tuple(ids), language, len(slots), truncated)
+
+    def _too_long(self, what: str) -> PromptTooLongError:
+        return PromptTooLongError(
+            f"{what}; every search result cut, the budget is VLLM_MAX_MODEL_LEN − SAMPLING_MAX_TOKENS = {self.budget} tokens"
+        )
+
+
+def _margin(over: int, attempt: int) -> int:
+    """Piece counts miss by a token or so where a cut meets its neighbour: cut text by a little more than `over`;
+    on a correction, which exact counts rarely need, by a growing share of `over` more as well."""
+    return ((2 + over // 1000) << attempt) + over * ((1 << attempt) - 1) // 2
+
+
+def _calibrated(over: int, planned: int, freed: int) -> int:
+    """`over` scaled up by how much less the last plan freed than its counts said (as is for exact counts, which
+    free what they say; estimated ones, from a tokenizer without offsets, may not)."""
+    return max(over, -(-over * planned // max(1, freed)))
+
+
+def _packed(slot: _Slot) -> SearchResult:
+    return slot.result.model_copy(
+        update={"title": slot.title, "url": slot.url, "snippet": slot.snippet, "content": slot.content or None}
+    )

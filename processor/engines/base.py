@@ -7,7 +7,7 @@ own token ids, so the count the batcher used is exactly what the model sees.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 from processor.errors import RecordError, StartupError
 
@@ -22,11 +22,55 @@ class ChatMessage:
     content: str
 
 
+class Encoded:
+    """A text's token ids and, only when asked, where each token starts in the text.
+
+    Offsets cost about as much again as the ids (one Python tuple a token), and the prompt builder needs them only
+    when a prompt is over budget, so they are computed on first use.
+    """
+
+    __slots__ = ("ids", "_starts", "_make_starts")
+
+    def __init__(self, ids: Sequence[int], starts: Callable[[], Sequence[int]]) -> None:
+        self.ids = ids
+        self._make_starts = starts
+        self._starts: Sequence[int] | None = None
+
+    @property
+    def starts(self) -> Sequence[int]:
+        """Character offset in the text where each token starts, non-decreasing (exact or a close estimate)."""
+        if self._starts is None:
+            self._starts = self._make_starts()
+        return self._starts
+
+
 class Tokenizer(Protocol):
-    """The engine's tokenizer as the prompt builder and the token-aware batcher use it."""
+    """The engine's tokenizer as the prompt builder and the token-aware batcher use it.
+
+    `chat_token_ids(m)` must equal `encode(render_chat(m)).ids`: the builder renders once and tokenises once.
+    """
 
     def chat_token_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
         """Token ids of the chat, rendered with the model's chat template and the assistant turn opened."""
+        ...
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        """The chat as text, rendered with the model's chat template and the assistant turn opened."""
+        ...
+
+    def encode(self, text: str) -> Encoded:
+        """Token ids of rendered text, control-token strings recognised exactly as in `chat_token_ids`."""
+        ...
+
+    @property
+    def control_tokens(self) -> frozenset[str]:
+        """Strings this tokenizer turns into control tokens (role markers, end of turn, …): untrusted text must never
+        contain them, or it could open a turn of its own."""
+        ...
+
+    @property
+    def control_token_ids(self) -> frozenset[int]:
+        """The ids of `control_tokens`."""
         ...
 
     def count(self, text: str) -> int:

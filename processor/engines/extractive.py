@@ -16,7 +16,7 @@ import re
 import zlib
 from typing import Iterable, Sequence
 
-from processor.engines.base import ChatMessage, EventGenerationError, Finished, Generation, Prompt
+from processor.engines.base import ChatMessage, Encoded, EventGenerationError, Finished, Generation, Prompt
 
 _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+|(?<=다\.)|\n+")
@@ -29,20 +29,37 @@ _ROLE_MARKER = "<|{role}|>"
 
 
 class RegexTokenizer:
-    """Words and punctuation as tokens: a stable, model-free stand-in with the Tokenizer protocol's shape."""
+    """Words and punctuation as tokens: a stable, model-free stand-in with the Tokenizer protocol's shape.
+
+    Its role markers (<|system|>, <|user|>, <|assistant|>) are its control tokens: one token each with an id of
+    their own above the 16-bit word ids, matched in any text like a real tokenizer's special tokens are.
+    """
+
+    _ROLES = ("system", "user", "assistant")
+    _CONTROL = {_ROLE_MARKER.format(role=role): 0x10000 + index for index, role in enumerate(_ROLES)}
+    _PATTERN = re.compile("|".join([*map(re.escape, _CONTROL), _TOKEN.pattern]), re.UNICODE)  # markers first
+    control_tokens = frozenset(_CONTROL)
+    control_token_ids = frozenset(_CONTROL.values())
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        return "".join(_ROLE_MARKER.format(role=m.role) + m.content for m in messages) + _ROLE_MARKER.format(role="assistant")
+
+    def encode(self, text: str) -> Encoded:
+        control = self._CONTROL
+        ids = [control.get(token) or zlib.crc32(token.encode()) & 0xFFFF for token in self._PATTERN.findall(text)]
+        return Encoded(ids, lambda: [match.start() for match in self._PATTERN.finditer(text)])
 
     def chat_token_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
-        text = "".join(_ROLE_MARKER.format(role=m.role) + m.content for m in messages) + _ROLE_MARKER.format(role="assistant")
-        return [zlib.crc32(token.encode()) & 0xFFFF for token in _TOKEN.findall(text)]
+        return list(self.encode(self.render_chat(messages)).ids)
 
     def count(self, text: str) -> int:
-        return sum(1 for _ in _TOKEN.finditer(text))
+        return sum(1 for _ in self._PATTERN.finditer(text))
 
     def truncate(self, text: str, max_tokens: int) -> str:
         if max_tokens <= 0:
             return ""
         end = 0
-        for index, match in enumerate(_TOKEN.finditer(text)):
+        for index, match in enumerate(self._PATTERN.finditer(text)):
             if index == max_tokens:
                 return text[:end]
             end = match.end()

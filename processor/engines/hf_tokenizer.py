@@ -6,9 +6,14 @@ them), so the ids counted by the prompt builder and the batcher are exactly the 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
-from processor.engines.base import ChatMessage
+from processor.engines.base import ChatMessage, Encoded
+
+# Added tokens that are not flagged special but still look like markup (Qwen2.5's <tool_call>, <|fim_prefix|>, …)
+# are matched atomically in raw text too: treat them as control tokens, never let web text produce them.
+_MARKUP = re.compile(r"<[^<>\s]{1,64}>|\[[^\[\]\s]{1,64}\]")
 
 
 class HFChatTokenizer:
@@ -16,12 +21,39 @@ class HFChatTokenizer:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template: use an instruction-tuned model (…-Instruct)")
         self.hf = tokenizer
+        controls = _control_tokens(tokenizer)
+        self._control_tokens = frozenset(controls)
+        self._control_token_ids = frozenset(controls.values())
+
+    @property
+    def control_tokens(self) -> frozenset[str]:
+        return self._control_tokens
+
+    @property
+    def control_token_ids(self) -> frozenset[int]:
+        return self._control_token_ids
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        return str(
+            self.hf.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
+            )
+        )
+
+    def encode(self, text: str) -> Encoded:
+        batch = self.hf(text, add_special_tokens=False, return_attention_mask=False)
+        ids = batch["input_ids"]
+        encodings = getattr(batch, "encodings", None)
+        if encodings:  # a fast tokenizer keeps its Rust encoding: offsets come from it only if asked for
+            encoding = encodings[0]
+            return Encoded(ids, lambda: [start for start, _ in encoding.offsets])
+        # A slow tokenizer has no offsets: spread the tokens evenly over the text. The builder treats starts as an
+        # estimate and always re-measures exactly, so a poor one costs correction passes, never a wrong prompt.
+        length, count = len(text), max(1, len(ids))
+        return Encoded(ids, lambda: [index * length // count for index in range(len(ids))])
 
     def chat_token_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
-        text = self.hf.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
-        )
-        return list(self.hf(text, add_special_tokens=False)["input_ids"])
+        return list(self.encode(self.render_chat(messages)).ids)
 
     def count(self, text: str) -> int:
         return len(self.hf(text, add_special_tokens=False)["input_ids"]) if text else 0
@@ -36,3 +68,19 @@ class HFChatTokenizer:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.hf.decode(list(token_ids), skip_special_tokens=True))
+
+
+def _control_tokens(tokenizer: Any) -> dict[str, int]:
+    """Every string the tokenizer matches as a control token, with its id: its special tokens (eos, pad, …), the
+    added tokens flagged special (ChatML's <|im_start|>, which Qwen2.5 lists only there) and markup-like added ones."""
+    found: dict[str, int] = {}
+    for token_id, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        content = str(added.content if hasattr(added, "content") else added)
+        if getattr(added, "special", False) or _MARKUP.fullmatch(content):
+            found[content] = int(token_id)
+    for content in getattr(tokenizer, "all_special_tokens", []):
+        token_id = tokenizer.convert_tokens_to_ids(content)
+        if isinstance(token_id, int):
+            found.setdefault(content, token_id)
+    # A one-character or blank "special token" would have us rewrite ordinary text; no chat model has one.
+    return {content: token_id for content, token_id in found.items() if len(content.strip()) >= 2}
