@@ -116,12 +116,19 @@ def idle_share(steps: list[tuple[float, float, int]], start: float, end: float) 
     return idle / (end - start) if end > start else 0.0
 
 
-def feed_alone(engine: Any, prompts: list[Prompt], max_new_tokens: int) -> tuple[float, int]:
-    """The engine alone in continuous mode: every prompt handed to a ContinuousFeed at once (its KV budget), until
-    all finished; seconds and completion tokens."""
+def feed_alone(engine: Any, prompts: list[Prompt], max_new_tokens: int, window: int | None = None) -> tuple[float, int]:
+    """The engine alone in continuous mode: every prompt handed to a ContinuousFeed at once, until all finished;
+    seconds and completion tokens. `window` caps the sequences in flight exactly as the processor's
+    BATCH_MAX_RECORDS does (same refill grouping), so the two runs keep the same number of requests in the engine."""
+    import dataclasses
+
     from processor.continuous import ContinuousFeed
 
-    feed = ContinuousFeed(engine, budget=engine.in_flight_budget(), max_new_tokens=max_new_tokens)
+    budget = engine.in_flight_budget()
+    if budget is not None and window:
+        budget = dataclasses.replace(budget, max_sequences=min(budget.max_sequences, window))
+    size = budget.max_sequences if budget is not None else (window or 256)
+    feed = ContinuousFeed(engine, budget=budget, max_new_tokens=max_new_tokens, max_sequences_default=size, refill_min=max(1, size // 8))
     try:
         started = time.perf_counter()
         with feed._cond:  # all at once: the feed admits by its budget
@@ -324,7 +331,7 @@ def processor_vs_engine_continuous(engine: Any, settings_overrides: dict[str, An
     first_add = steps[0][0] if steps else started
     last_step = steps[-1][1] if steps else ended
     cpu_before = time.process_time()
-    alone_seconds, alone_tokens = feed_alone(engine, prompts, settings.sampling_max_tokens)
+    alone_seconds, alone_tokens = feed_alone(engine, prompts, settings.sampling_max_tokens, window=batch)
     alone_cpu = time.process_time() - cpu_before
     processor_seconds = ended - started
     return {

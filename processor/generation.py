@@ -47,7 +47,7 @@ class Scheduler(Protocol):
     idle_seconds: float
     last_batches: list[BatchStats]
 
-    def warm_up(self, prompt: Prompt) -> None: ...
+    def warm_up(self, prompt: Prompt, copies: int = 1) -> None: ...
     def wanted(self) -> int: ...
     def seconds_until_due(self) -> float | None: ...
     def add(self, item: BatchItem) -> None: ...
@@ -132,8 +132,8 @@ class MicroBatchScheduler:
         self._idle_since: float | None = time.monotonic()
         self.last_batches: list[BatchStats] = []
 
-    def warm_up(self, prompt: Prompt) -> None:
-        self.thread.call(lambda: _warm(self.engine, prompt))
+    def warm_up(self, prompt: Prompt, copies: int = 1) -> None:
+        self.thread.call(lambda: _warm(self.engine, prompt, copies))
 
     @property
     def ready_batches(self) -> list[Batch]:
@@ -236,8 +236,8 @@ class MicroBatchScheduler:
         return None
 
 
-def _warm(engine: Engine, prompt: Prompt) -> None:
-    outputs = engine.generate([prompt])
+def _warm(engine: Engine, prompt: Prompt, copies: int = 1) -> None:
+    outputs = engine.generate([prompt] * copies)
     if outputs and not isinstance(outputs[0], Generation):
         log.warning("warm-up generate() produced no summary: %s", outputs[0])
 
@@ -277,8 +277,12 @@ class ContinuousScheduler:
     def idle_seconds(self) -> float:
         return self.feed.idle_seconds
 
-    def warm_up(self, prompt: Prompt) -> None:
-        self.feed.run_exclusive(lambda engine: _warm(engine, prompt))
+    @property
+    def window(self) -> int:
+        return self.feed.max_sequences
+
+    def warm_up(self, prompt: Prompt, copies: int = 1) -> None:
+        self.feed.run_exclusive(lambda engine: _warm(engine, prompt, copies))
 
     def wanted(self) -> int:
         return 0 if (self._held or self.feed.failure is not None) else self.feed.wanted()

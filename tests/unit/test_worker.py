@@ -229,3 +229,27 @@ def test_a_record_with_hostile_dlq_headers_is_dead_lettered_once_with_the_real_r
     [dead] = [p for p in producer.delivered if p.topic == "dlq"]
     assert parse_dead_letter(dead.key, dead.value, dead.headers)["error_class"] == "BadMagicError"
     assert worker.metrics.dead_letters.labels("BadMagicError")._value.get() == 1  # noqa: SLF001 - prometheus child value
+
+
+def test_a_gpu_engine_warms_up_at_the_batch_shape_and_a_model_free_one_with_one_prompt():
+    from processor.engines.base import InFlightBudget
+
+    class BudgetEngine(ExtractiveEngine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sizes: list[int] = []
+
+        def generate(self, prompts):
+            self.sizes.append(len(prompts))
+            return super().generate(prompts)
+
+        def in_flight_budget(self):
+            return InFlightBudget(max_sequences=8, kv_tokens=10**6)
+
+    gpu_like, model_free = BudgetEngine(), ExtractiveEngine()
+    Worker(settings(batch_max_records=4), gpu_like, consumer=FakeGroupConsumer("in"), producer=FakeProducer()).warm_up()
+    assert gpu_like.sizes[0] == 4, "the first batch shape is paid for at start-up, not by the first real batch"
+    calls: list[int] = []
+    model_free.generate = lambda prompts: (calls.append(len(prompts)), ExtractiveEngine.generate(model_free, prompts))[1]  # type: ignore[method-assign]
+    Worker(settings(batch_max_records=4), model_free, consumer=FakeGroupConsumer("in"), producer=FakeProducer()).warm_up()
+    assert calls[0] == 1
