@@ -65,6 +65,11 @@ class RecordingEngine:
     def capacity(self) -> None:
         return None
 
+    def in_flight_budget(self) -> Any:
+        """Forwarded so the Worker warms a GPU engine up at the batch shape, as it does without this wrapper."""
+        budget = getattr(self.inner, "in_flight_budget", None)
+        return budget() if budget is not None else None
+
     def close(self) -> None:
         self.inner.close()
 
