@@ -271,3 +271,22 @@ def test_the_current_vllm_requirements_are_a_consistent_set():
     shared = set(adr) - {"vllm", "transformers", "tokenizers"}
     assert {k: current.get(k) for k in shared} == {k: adr[k] for k in shared}
     assert set(current) - set(adr) == set(), "nothing extra beyond the vLLM stack"
+
+
+def test_exactly_once_runs_as_a_statefulset_with_a_stable_transactional_suffix():
+    k8s = ROOT / "deploy" / "k8s"
+    config = yaml.safe_load((k8s / "configmap.yaml").read_text())
+    deployment = yaml.safe_load((k8s / "deployment.yaml").read_text())
+    sts = yaml.safe_load((k8s / "exactly-once" / "statefulset.yaml").read_text())
+    assert sts["kind"] == "StatefulSet" and sts["metadata"]["name"] == deployment["metadata"]["name"]
+    assert sts["spec"]["selector"] == deployment["spec"]["selector"]
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["TRANSACTIONAL_ID_SUFFIX"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", "a StatefulSet pod name is stable"
+    assert env["PROCESSING_GUARANTEE"]["value"] == "exactly_once"
+    assert {"configMapRef": {"name": config["metadata"]["name"]}} in container["envFrom"]
+    # The configuration validates with a pod name as the suffix; without one, exactly-once is refused at start-up.
+    values = {k.lower(): v for k, v in config["data"].items()}
+    Settings(**values, processing_guarantee="exactly_once", transactional_id_suffix="ai-worker-0")
+    with pytest.raises(Exception, match="TRANSACTIONAL_ID_SUFFIX"):
+        Settings(**values, processing_guarantee="exactly_once")
