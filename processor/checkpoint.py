@@ -200,6 +200,8 @@ class Checkpoint(Protocol):
     tracker: OffsetTracker
     committed_offsets: dict[TP, int]
     records_committed: int
+    holding: bool  # a commit failed: nothing new is released until one succeeds
+    needs_rewind: bool  # a transaction was aborted: re-read from the committed offsets
 
     def release(self) -> list[OutgoingRecord]:
         """Outputs to hand to the sink now (empty while holding after a failed commit)."""
@@ -234,6 +236,7 @@ class AtLeastOnceCheckpoint:
         self.committed_offsets: dict[TP, int] = {}
         self.records_committed = 0
         self.holding = False  # a commit failed: release nothing until one succeeds
+        self.needs_rewind = False  # never: without a transaction there is nothing to abort
         self._last_commit = 0.0
 
     def release(self) -> list[OutgoingRecord]:

@@ -10,6 +10,7 @@ from typing import Any, Callable
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
 from processor.errors import BrokerUnavailableError
+from processor.records import DEFAULT_MAX_RECORD_BYTES
 from processor.logs import client_log_filter
 from processor.settings import ProcessingGuarantee, Settings
 
@@ -17,7 +18,6 @@ log = logging.getLogger(__name__)
 log.addFilter(client_log_filter())
 
 PROBE_AFTER_S = 5.0
-DEFAULT_MAX_RECORD_BYTES = 1_000_000  # Kafka's default message.max.bytes on the broker, too
 
 
 def consumer_config(settings: Settings, error_cb: Callable[[KafkaError], None] | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -19,13 +19,16 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from processor.batcher import Batch, BatchItem, MicroBatcher, SourceRecord
 from processor.engines.base import Engine, EventGenerationError, Generation, Prompt
 from processor.engines.isolation import Probe, generate_isolated, probe_with
 from processor.errors import EngineUnavailableError
 from processor.retry import Backoff
+
+if TYPE_CHECKING:
+    from processor.continuous import ContinuousFeed
 
 log = logging.getLogger(__name__)
 
@@ -256,10 +259,7 @@ def request_id_of(source: SourceRecord) -> str:
 class ContinuousScheduler:
     """Items go one by one into the ContinuousFeed; each comes back as it finishes, in any order."""
 
-    def __init__(self, *, feed: "object", engine: Engine, probe_prompt: Prompt, retry_timeout_s: float) -> None:
-        from processor.continuous import ContinuousFeed
-
-        assert isinstance(feed, ContinuousFeed)
+    def __init__(self, *, feed: "ContinuousFeed", engine: Engine, probe_prompt: Prompt, retry_timeout_s: float) -> None:
         self.feed = feed
         self.engine = engine
         self.probe_prompt = probe_prompt

@@ -9,7 +9,7 @@ else that goes wrong there is this record's fault too (dead-lettered as Unexpect
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from confluent_kafka import Message
 
@@ -57,13 +57,3 @@ class Intake:
         except Exception as exc:  # noqa: BLE001 - pure computation on this record's data: its failure is the record's
             return BatchItem(source, error=exc, decoded_event_id=event_id)
 
-
-def prepare_all(intake: Intake, sources: list[SourceRecord], on_item: Callable[[BatchItem], None]) -> list[SourceRecord]:
-    """Prepare sources in order; on an infrastructure failure return the ones not yet prepared (to retry later)."""
-    for index, source in enumerate(sources):
-        try:
-            item = intake.prepare(source)
-        except InfrastructureError:
-            return sources[index:]
-        on_item(item)
-    return []

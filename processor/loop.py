@@ -32,7 +32,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from processor.batcher import BatchItem, MicroBatcher, SourceRecord
 from processor.capacity import BatchLimits, resolve_batch_limits
-from processor.checkpoint import TP, AtLeastOnceCheckpoint, Ownership, State, TransactionalCheckpoint
+from processor.checkpoint import TP, AtLeastOnceCheckpoint, Checkpoint, Ownership, State, TransactionalCheckpoint
 from processor.clients import BrokerHealth, consumer_config, is_cooperative, make_consumer, make_producer, max_record_bytes, producer_config
 from processor.codec import SUMMARY_SCHEMA, make_codec
 from processor.engines.base import Engine, EngineStartupError, Prompt, supports_streaming
@@ -99,12 +99,12 @@ class Worker:
             encode_summary=lambda record: self.codec.encode(record, SUMMARY_SCHEMA, settings.kafka_output_topic),
             output_topic=settings.kafka_output_topic, dlq_topic=settings.kafka_dlq_topic, engine_kind=engine.kind,
             model=engine.model, prompt_version=self.prompts.version, max_record_bytes=max_record_bytes(producer_conf),
-            citations=_citations(),
+            citations=_citations(self.codec.store),
         )
         self.sink = Sink(producer=self.producer, max_attempts=settings.produce_max_attempts, on_acknowledged=self._on_acknowledged)
         self.ownership = Ownership()
         commit_every = CONTINUOUS_COMMIT_EVERY_S if self.continuous else 0.0
-        self.checkpoint: AtLeastOnceCheckpoint | TransactionalCheckpoint
+        self.checkpoint: Checkpoint
         if self.transactional:
             self.checkpoint = TransactionalCheckpoint(
                 producer=self.producer, consumer=self.consumer, sink=self.sink, ownership=self.ownership,
@@ -114,6 +114,7 @@ class Worker:
         else:
             self.checkpoint = AtLeastOnceCheckpoint(consumer=self.consumer, ownership=self.ownership, one_batch_at_a_time=not self.continuous,
                                                     min_commit_interval_s=commit_every, on_committed=self._on_committed)
+        self.probe_prompt = self._probe_prompt()
         self.scheduler: Scheduler = self._scheduler()
 
         self._inbox: deque[Message] = deque()  # consumed, not yet through intake (held while the registry is down)
@@ -130,7 +131,7 @@ class Worker:
         self.totals = {"consumed": 0, "summaries": 0, "dead_letters": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
     def _scheduler(self) -> Scheduler:
-        probe = self._probe_prompt()
+        probe = self.probe_prompt
         timeout = self.settings.infrastructure_retry_timeout_s
         if self.continuous:
             from processor.continuous import ContinuousFeed
@@ -196,7 +197,7 @@ class Worker:
         CUDA's per-thread set-up, and an engine that cannot generate at all should fail before it owns any data."""
         started = time.monotonic()
         try:
-            self.scheduler.warm_up(self._probe_prompt(), self._warm_up_copies())
+            self.scheduler.warm_up(self.probe_prompt, self._warm_up_copies())
         except Exception as exc:  # noqa: BLE001 - any failure here means the engine cannot start
             raise EngineStartupError(f"the engine failed its warm-up generate(): {exc}") from exc
         return time.monotonic() - started
@@ -352,7 +353,7 @@ class Worker:
         try:
             self.checkpoint.commit(force)
         except CommitFailedError as exc:
-            if getattr(self.checkpoint, "needs_rewind", False):
+            if self.checkpoint.needs_rewind:
                 self._rewind()
             if not self._commits.failed():
                 raise
@@ -424,7 +425,7 @@ class Worker:
         owned = [TopicPartition(t, p) for t, p in self.ownership.partitions]
         self._forget(owned)
         self.ownership.assign((tp.topic, tp.partition) for tp in owned)
-        self.checkpoint.needs_rewind = False  # type: ignore[union-attr]
+        self.checkpoint.needs_rewind = False
         for tp in self.consumer.committed(owned, timeout=10):
             if tp.offset >= 0:
                 self.consumer.seek(tp)
@@ -503,13 +504,9 @@ class Worker:
         self.producer.flush(5)
 
 
-def _citations() -> Callable[[Any, str], list[dict[str, Any]]] | None:
-    """The summary schema's `citations` field, where this build has it (schema v2)."""
-    try:
-        from processor.citations import cited_results
-        from processor.codec import SchemaStore
+def _citations(store: Any) -> Callable[[Any, str], list[dict[str, Any]]] | None:
+    """The summary schema's `citations` field, where the deployed schema has it (v2 on)."""
+    from processor.citations import cited_results
 
-        fields = {f["name"] for f in SchemaStore().latest(SUMMARY_SCHEMA).parsed["fields"]}
-    except ImportError:
-        return None
+    fields = {f["name"] for f in store.latest(SUMMARY_SCHEMA).parsed["fields"]}
     return cited_results if "citations" in fields else None

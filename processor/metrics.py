@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from processor.records import parse_dead_letter
+
 if TYPE_CHECKING:
     from processor.generation import BatchStats
     from processor.records import OutgoingRecord
@@ -77,8 +79,6 @@ class Metrics:
         self.engine_busy.inc(seconds)
 
     def acknowledged(self, record: "OutgoingRecord") -> None:
-        from processor.records import parse_dead_letter
-
         if record.is_dead_letter:
             # The label comes from the worker's own header (the error class), never from input data: bounded.
             self.dead_letters.labels(parse_dead_letter(record.key, None, record.headers).get("error_class", "unknown")).inc()

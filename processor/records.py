@@ -22,7 +22,8 @@ DLQ_HEADER_PREFIX = "dlq."
 RENAMED_INPUT_PREFIX = "input."
 UNEXPECTED_REASON = "UnexpectedError"
 MAX_ERROR_MESSAGE_CHARS = 2000
-# The producer's message.max.bytes; a dead letter whose value would pass it is published without the value.
+# The producer's message.max.bytes (Kafka's broker default too); a dead letter whose value would pass it is
+# published without the value.
 DEFAULT_MAX_RECORD_BYTES = 1_000_000
 _HEADER_ALLOWANCE = 16_384  # our dlq.* headers plus the input's own, generously
 

@@ -53,32 +53,32 @@ def generate_isolated(engine: Engine, prompts: Sequence[Prompt], probe: Probe | 
         log.warning("generate() raised for a batch of %d; bisecting to isolate the failing event(s): %s", len(prompts), exc)
         outcomes = _bisect(engine, prompts, exc)
     else:
-        if len(outputs) != len(prompts):
-            raise RuntimeError(f"engine {engine.kind} returned {len(outputs)} outputs for {len(prompts)} prompts")
-        outcomes = [_reject_empty(output) for output in outputs]
+        outcomes = _accepted(engine, prompts, outputs)
     if probe is not None and all(isinstance(o, EventGenerationError) for o in outcomes):
         probe()
     return outcomes
 
 
-def _bisect(engine: Engine, prompts: Sequence[Prompt], first_failure: BaseException) -> list[Generation | EventGenerationError]:
+def _bisect(engine: Engine, prompts: Sequence[Prompt], failure: BaseException) -> list[Generation | EventGenerationError]:
     if len(prompts) == 1:
-        return [EngineCallError(f"{type(first_failure).__name__}: {first_failure}")]
+        return [EngineCallError(f"{type(failure).__name__}: {failure}")]
     middle = len(prompts) // 2
-    return _try(engine, prompts[:middle]) + _try(engine, prompts[middle:])
+    return _isolate(engine, prompts[:middle]) + _isolate(engine, prompts[middle:])
 
 
-def _try(engine: Engine, prompts: Sequence[Prompt]) -> list[Generation | EventGenerationError]:
+def _isolate(engine: Engine, prompts: Sequence[Prompt]) -> list[Generation | EventGenerationError]:
     try:
         outputs = engine.generate(prompts)
     except Exception as exc:  # noqa: BLE001
         return _bisect(engine, prompts, exc)
+    return _accepted(engine, prompts, outputs)
+
+
+def _accepted(engine: Engine, prompts: Sequence[Prompt], outputs: Sequence[Generation | EventGenerationError]) -> list[Generation | EventGenerationError]:
+    """One outcome per prompt; an empty summary is a failure, never a summary."""
     if len(outputs) != len(prompts):
         raise RuntimeError(f"engine {engine.kind} returned {len(outputs)} outputs for {len(prompts)} prompts")
-    return [_reject_empty(output) for output in outputs]
-
-
-def _reject_empty(output: Generation | EventGenerationError) -> Generation | EventGenerationError:
-    if isinstance(output, Generation) and not output.text.strip():
-        return EmptySummaryError(f"engine returned an empty summary (finish_reason={output.finish_reason})")
-    return output
+    return [
+        EmptySummaryError(f"engine returned an empty summary (finish_reason={o.finish_reason})") if isinstance(o, Generation) and not o.text.strip() else o
+        for o in outputs
+    ]
