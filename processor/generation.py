@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from processor.batcher import Batch, BatchItem, MicroBatcher, SourceRecord
 from processor.engines.base import Engine, EventGenerationError, Generation, Prompt
-from processor.engines.isolation import Probe, generate_isolated, probe_with
+from processor.engines.isolation import Probe, accepted, generate_isolated, probe_with
 from processor.errors import EngineUnavailableError
 from processor.retry import Backoff
 
@@ -310,8 +310,9 @@ class ContinuousScheduler:
             request = self._requests.pop(result.request_id, None)
             if request is None:
                 continue  # aborted meanwhile (revoked)
-            finished.append((request.item, result.outcome))
-            self.last_batches.append(_stats([request.item], [result.outcome], time.monotonic() - request.submitted))
+            outcome = accepted(result.outcome)
+            finished.append((request.item, outcome))
+            self.last_batches.append(_stats([request.item], [outcome], time.monotonic() - request.submitted))
         if self.feed.failure is not None:
             failure = self.feed.failure
             ids = self.feed.failed_ids()

@@ -78,7 +78,11 @@ def _accepted(engine: Engine, prompts: Sequence[Prompt], outputs: Sequence[Gener
     """One outcome per prompt; an empty summary is a failure, never a summary."""
     if len(outputs) != len(prompts):
         raise RuntimeError(f"engine {engine.kind} returned {len(outputs)} outputs for {len(prompts)} prompts")
-    return [
-        EmptySummaryError(f"engine returned an empty summary (finish_reason={o.finish_reason})") if isinstance(o, Generation) and not o.text.strip() else o
-        for o in outputs
-    ]
+    return [accepted(o) for o in outputs]
+
+
+def accepted(outcome: Generation | EventGenerationError) -> Generation | EventGenerationError:
+    """An empty summary is a failure, never a summary — whichever path (generate() or step()) produced it."""
+    if isinstance(outcome, Generation) and not outcome.text.strip():
+        return EmptySummaryError(f"engine returned an empty summary (finish_reason={outcome.finish_reason})")
+    return outcome

@@ -9,10 +9,12 @@ import pytest
 from processor.batcher import BatchItem, MicroBatcher, SourceRecord
 from processor.engines.base import EventGenerationError, Generation
 from processor.engines.extractive import ExtractiveEngine
+from processor.continuous import ContinuousFeed
+from processor.engines.base import EmptySummaryError
 from processor.engines.isolation import EngineCallError, generate_isolated, probe_with
 from processor.errors import EngineUnavailableError
 from processor.events import validate_event
-from processor.generation import MicroBatchScheduler
+from processor.generation import ContinuousScheduler, MicroBatchScheduler
 from processor.prompt import PromptBuilder
 from processor.samples import sample_events
 
@@ -125,3 +127,38 @@ def test_records_that_failed_before_the_engine_ride_along_in_their_batch():
     assert [i.source.offset for i, _ in done] == [0, 1, 2]
     assert isinstance(done[1][1], ValueError) and isinstance(done[0][1], Generation)
     assert not isinstance(done[2][1], EventGenerationError)
+
+
+class SilentEngine(ExtractiveEngine):
+    """Says nothing (whitespace) for events whose id ends in 'silent', through generate() and step() alike."""
+
+    def generate(self, prompts):
+        return [Generation("  \n", "stop", p.prompt_tokens, 1) if p.event.event_id.endswith("silent") else out for p, out in zip(prompts, super().generate(prompts))]
+
+
+def silent_prompts(n: int):
+    return [p if i % 2 else type(p)(**{**p.__dict__, "event": p.event.model_copy(update={"event_id": f"e{i}-silent"})}) for i, p in enumerate(prompts(n))]
+
+
+@pytest.mark.parametrize("mode", ["micro_batch", "continuous"])
+def test_an_empty_summary_is_the_events_failure_in_both_modes(mode):
+    engine = SilentEngine()
+    probe_prompt = prompts(1)[0]
+    if mode == "continuous":
+        scheduler = ContinuousScheduler(feed=ContinuousFeed(engine, budget=None, max_new_tokens=1536), engine=engine, probe_prompt=probe_prompt, retry_timeout_s=60)
+    else:
+        scheduler = MicroBatchScheduler(engine=engine, batcher=MicroBatcher(4, 0.0, 10**9), probe_prompt=probe_prompt, retry_timeout_s=60)
+    try:
+        for offset, prompt in enumerate(silent_prompts(4)):
+            scheduler.add(item(offset, prompt))
+        done: list = []
+        deadline = time.monotonic() + 10
+        while len(done) < 4 and time.monotonic() < deadline:
+            done += scheduler.take()
+            scheduler.wait(0.01)
+        outcomes = {i.source.offset: o for i, o in done}
+        assert sorted(outcomes) == [0, 1, 2, 3]
+        assert all(isinstance(outcomes[o], EmptySummaryError) for o in (0, 2)), outcomes
+        assert all(isinstance(outcomes[o], Generation) and outcomes[o].text.strip() for o in (1, 3)), outcomes
+    finally:
+        scheduler.close()
