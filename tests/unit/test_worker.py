@@ -5,6 +5,7 @@ publish, SIGTERM publishing a finished batch, commit only after acknowledgement,
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 from processor.codec import EVENT_SCHEMA, AvroCodec
 from processor.engines.extractive import ExtractiveEngine
 from processor.errors import EXIT_BROKER_UNAVAILABLE, EXIT_ENGINE_FAILED, EXIT_REGISTRY_UNAVAILABLE, RegistryUnavailableError
-from processor.loop import Worker
+from processor.loop import GIL_SWITCH_INTERVAL_S, Worker
 from processor.records import parse_dead_letter
 from processor.settings import load_settings
 from tests.fakes.kafka import FakeGroupConsumer, FakeProducer
@@ -253,3 +254,18 @@ def test_a_gpu_engine_warms_up_at_the_batch_shape_and_a_model_free_one_with_one_
     model_free.generate = lambda prompts: (calls.append(len(prompts)), ExtractiveEngine.generate(model_free, prompts))[1]  # type: ignore[method-assign]
     Worker(settings(batch_max_records=4), model_free, consumer=FakeGroupConsumer("in"), producer=FakeProducer()).warm_up()
     assert calls[0] == 1
+
+
+def test_the_engine_thread_gets_the_gil_quickly_while_the_worker_runs_and_the_default_comes_back():
+    consumer, producer = FakeGroupConsumer("in"), FakeProducer()
+    feed(consumer, 2)
+    worker = Worker(settings(), ExtractiveEngine(), consumer=consumer, producer=producer)
+    before, seen = sys.getswitchinterval(), []
+
+    def done() -> bool:
+        seen.append(sys.getswitchinterval())
+        return worker.records_committed == 2
+
+    assert run(worker, done) == 0
+    assert max(seen) <= GIL_SWITCH_INTERVAL_S < before
+    assert sys.getswitchinterval() == before
