@@ -53,6 +53,7 @@ class _Partition:
     epoch: int
     entries: "OrderedDict[int, _Entry]" = field(default_factory=OrderedDict)  # offset → entry, in offset order
     committed: int | None = None  # the last offset this worker committed (next to read)
+    unreleased: int = 0  # entries FINISHED and not yet released: releasable() skips a partition with none
 
 
 class Ownership:
@@ -108,6 +109,7 @@ class OffsetTracker:
         if entry is None or entry.state is not State.PENDING:
             return False
         entry.state, entry.record = State.FINISHED, record
+        self._partitions[(source.topic, source.partition)].unreleased += 1
         return True
 
     def acked(self, source: SourceRecord) -> None:
@@ -124,8 +126,8 @@ class OffsetTracker:
         """
         out: list[OutgoingRecord] = []
         for tp, partition in self._partitions.items():
-            if self.ownership.epoch(tp) != partition.epoch:
-                continue
+            if not partition.unreleased or self.ownership.epoch(tp) != partition.epoch:
+                continue  # nothing finished waits here: no walk over its (up to four windows of) entries
             blocked_keys: set[bytes] = set()
             for entry in partition.entries.values():
                 if entry.state is State.PENDING:
@@ -139,6 +141,7 @@ class OffsetTracker:
                         continue
                     assert entry.record is not None
                     entry.state = State.RELEASED
+                    partition.unreleased -= 1
                     out.append(entry.record)
         return out
 
@@ -245,11 +248,11 @@ class AtLeastOnceCheckpoint:
         return self.tracker.releasable(in_offset_order=False)
 
     def commit(self, force: bool = False) -> None:
-        offsets = {tp: o for tp, o in self.tracker.committable().items() if o != self.committed_offsets.get(tp)}
-        if not offsets:
-            return
         now = time.monotonic()
         if not force and not self.holding and now - self._last_commit < self.min_commit_interval_s:
+            return  # before walking the tracker: the loop asks on every step
+        offsets = {tp: o for tp, o in self.tracker.committable().items() if o != self.committed_offsets.get(tp)}
+        if not offsets:
             return
         try:
             self.consumer.commit(offsets=_to_topic_partitions(offsets), asynchronous=False)
@@ -311,8 +314,10 @@ class TransactionalCheckpoint:
                 self._fail(exc.args[0])
             self._done(records, offsets)
             return
+        if not force and time.monotonic() - self._last_commit < self.min_commit_interval_s:
+            return  # before walking the tracker: the loop asks on every step
         offsets = {tp: o for tp, o in self.tracker.committable(upto=State.FINISHED).items() if o != self.committed_offsets.get(tp)}
-        if not offsets or (not force and time.monotonic() - self._last_commit < self.min_commit_interval_s):
+        if not offsets:
             return
         records = self.tracker.releasable(in_offset_order=True)
         self._revoked_during_transaction = False
