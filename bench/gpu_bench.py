@@ -5,7 +5,8 @@ architecture with random bf16 weights (no hub needed), fixed prompt and output l
   (a) per-event generation vs micro-batches of 8, 32 and 64: tokens/s and events/s, and the best batch's speed-up;
   (b) the full processor on the embedded broker vs the engine alone on the very same prompts: the ratio;
   (c) the engine's idle share of wall time inside the processor run.
-Targets: (a) ≥ 10× at the best batch size, (b) ≥ 0.95, (c) < 5 %. Writes bench/results/gpu-<mode>.json and .png.
+Targets: (a) ≥ 10× at the best batch size, (b) ≥ 0.95, (c) < 5 %. Writes bench/results/gpu.json (Transformers) or
+gpu-<mode>.json (vLLM), and a .png.
 --repeats N measures (b) N times, processor and engine alone back to back, and reports the median pair.
 
 --mode continuous runs the processor with GENERATION_MODE=continuous (vLLM's add_request/step through the
@@ -534,7 +535,9 @@ def main() -> int:
         "batch_sweep": sweep, "best_batch": batch, "speedup_best_vs_single": round(speedup, 2) if speedup else None,
         "processor_vs_engine": pv, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    name = ("gpu" if device != "cpu" else "gpu-harness-cpu-smoke") + f"-{args.mode}" + (f"-switch{args.switch_interval_ms:g}ms" if args.switch_interval_ms is not None else "")
+    # Transformers (micro-batch only): gpu.json; vLLM: gpu-<mode>.json (bench/results holds both).
+    name = ("gpu" if device != "cpu" else "gpu-harness-cpu-smoke") + ("" if args.engine == "transformers" else f"-{args.mode}")
+    name += f"-switch{args.switch_interval_ms:g}ms" if args.switch_interval_ms is not None else ""
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / f"{name}.png")
     print(f"written: {out / (name + '.json')} (+ .png where matplotlib is installed)", flush=True)

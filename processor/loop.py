@@ -59,8 +59,8 @@ MAX_WARM_UP_COPIES = 64
 UNCOMMITTED_WINDOWS = 4  # continuous: records read but not committed ≤ this many in-flight windows (the duplicate bound)
 # While the worker runs, a thread waiting for the GIL gets it after at most this long (CPython's default: 5 ms).
 # The engine's thread wakes from the GPU many times a second and must not wait behind the loop's Python work: on
-# an H100 with vLLM 0.24 (bench/gpu_bench.py) the continuous feed needed 2-3 % more engine steps than the engine
-# alone at 5 ms and 0.4-1.4 % at 1 ms, and micro-batches went from 0.89 to 0.95 of the engine alone.
+# an H100 with vLLM 0.24 (bench/gpu_bench.py, bench/results/switch-interval/) micro-batches went from 0.89 to 0.95
+# of the engine alone, and the continuous feed needed ~1.6 % more engine steps than the engine alone (2-3 % at 5 ms).
 GIL_SWITCH_INTERVAL_S = 0.001
 
 
