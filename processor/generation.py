@@ -306,6 +306,24 @@ class ContinuousScheduler:
 
     def take(self) -> list[Done]:
         finished, self._done_now = self._done_now, []
+        finished += self._collect()
+        if self.feed.failure is not None:
+            failure = self.feed.failure
+            self.feed.reset()
+            finished += self._collect()  # reported before the failure, after the collect above
+            # Everything still unfinished is out of the engine now — in flight at the failure, queued, or submitted
+            # after it (the loop may hand over work before it sees the failure): all of it is held, in order.
+            unfinished = [request.item for request in self._requests.values()]
+            self._requests.clear()
+            self._held += unfinished
+            log.warning("the engine failed with %d request(s) unfinished: %s", len(unfinished), failure)
+            self.backoff.failed()
+        if self._held and self.backoff.due():
+            finished += self._retry_held()
+        return finished
+
+    def _collect(self) -> list[Done]:
+        finished: list[Done] = []
         for result in self.feed.take_finished():
             request = self._requests.pop(result.request_id, None)
             if request is None:
@@ -313,15 +331,6 @@ class ContinuousScheduler:
             outcome = accepted(result.outcome)
             finished.append((request.item, outcome))
             self.last_batches.append(_stats([request.item], [outcome], time.monotonic() - request.submitted))
-        if self.feed.failure is not None:
-            failure = self.feed.failure
-            ids = self.feed.failed_ids()
-            self.feed.reset()
-            self._held += [self._requests.pop(i).item for i in ids if i in self._requests]
-            log.warning("the engine failed with %d request(s) in flight: %s", len(ids), failure)
-            self.backoff.failed()
-        if self._held and self.backoff.due():
-            finished += self._retry_held()
         return finished
 
     def _retry_held(self) -> list[Done]:

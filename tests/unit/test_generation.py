@@ -162,3 +162,30 @@ def test_an_empty_summary_is_the_events_failure_in_both_modes(mode):
         assert all(isinstance(outcomes[o], Generation) and outcomes[o].text.strip() for o in (1, 3)), outcomes
     finally:
         scheduler.close()
+
+
+def test_work_handed_over_after_an_engine_failure_is_held_with_the_rest_not_lost():
+    # The feed fails on its own thread; the loop may submit more before it sees that. A reset() forgets the feed's
+    # queue, so whatever the scheduler still owes must be held and retried — here, the poison and a good event.
+    engine = DyingEngine(healthy_calls=10**6, poisoned=frozenset({"e0"}))
+    feed = ContinuousFeed(engine, budget=None, max_new_tokens=1536)
+    scheduler = ContinuousScheduler(feed=feed, engine=engine, probe_prompt=prompts(3)[2], retry_timeout_s=60)
+    scheduler.backoff.first_s = 0.01
+    try:
+        first, second = prompts(2)
+        scheduler.add(item(0, first))
+        deadline = time.monotonic() + 10
+        while feed.failure is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert feed.failure is not None, "the poisoned step failed the feed"
+        scheduler.add(item(1, second))  # handed over after the failure, before take() saw it
+        done: list = []
+        while len(done) < 2 and time.monotonic() < deadline:
+            done += scheduler.take()
+            scheduler.wait(0.01)
+        outcomes = {i.source.offset: o for i, o in done}
+        assert sorted(outcomes) == [0, 1], f"nothing may be lost: {outcomes}"
+        assert isinstance(outcomes[0], EngineCallError) and isinstance(outcomes[1], Generation)
+        assert scheduler.in_flight() == 0 and scheduler.pending() == 0
+    finally:
+        scheduler.close()
