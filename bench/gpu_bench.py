@@ -427,11 +427,15 @@ def main() -> int:
                         help="vLLM: per-event output lengths drawn like real summaries (max_tokens with ignore_eos)")
     parser.add_argument("--repeats", type=int, default=1, help="(b, c): processor/engine-alone pairs, back to back; the median pair is reported")
     parser.add_argument("--switch-interval-ms", type=float, default=None,
-                        help="sys.setswitchinterval for the whole run (CPython's default: 5 ms)")
+                        help="the GIL switch interval for the whole run, the Worker's included (its own: "
+                             "processor.loop.GIL_SWITCH_INTERVAL_S, 1 ms; CPython's default: 5 ms)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     if args.switch_interval_ms is not None:
+        import processor.loop
+
         sys.setswitchinterval(args.switch_interval_ms / 1000)
+        processor.loop.GIL_SWITCH_INTERVAL_S = args.switch_interval_ms / 1000  # Worker.run() sets this one
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,8 @@ from typing import Any, Callable
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
 from processor.errors import BrokerUnavailableError
-from processor.records import DEFAULT_MAX_RECORD_BYTES
 from processor.logs import client_log_filter
+from processor.records import DEFAULT_MAX_RECORD_BYTES
 from processor.settings import ProcessingGuarantee, Settings
 
 log = logging.getLogger(__name__)

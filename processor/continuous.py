@@ -19,10 +19,11 @@ condition variable until a submit, abort, exclusive call or close wakes it.
 
 Failure: when step() or add_request() raises (not an EventGenerationError, which is one request's outcome), the
 feed records `failure`, aborts what the engine still holds (best effort), moves every submitted-unfinished id
-(in flight and queued) to `failed_ids()`, and stops admitting and stepping. The caller reads failed_ids(), then
-either probes the engine with run_exclusive() (success clears the failure and the failed ids; queued work
-submitted since then runs) or calls reset() (clears everything); it decides what becomes of the failed ids
-(e.g. bisection through run_exclusive and the engine's generate()).
+(in flight and queued) to `failed_ids()`, and stops admitting and stepping. The caller either probes the engine
+with run_exclusive() (success clears the failure and the failed ids; queued work submitted since then runs) or
+calls reset() (clears everything, work submitted after the failure included) and decides what becomes of what it
+had submitted: the ContinuousScheduler holds everything unfinished and bisects it through run_exclusive and the
+engine's generate().
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def generate_isolated(engine: Engine, prompts: Sequence[Prompt], probe: Probe | 
         log.warning("generate() raised for a batch of %d; bisecting to isolate the failing event(s): %s", len(prompts), exc)
         outcomes = _bisect(engine, prompts, exc)
     else:
-        outcomes = _accepted(engine, prompts, outputs)
+        outcomes = _one_outcome_per_prompt(engine, prompts, outputs)
     if probe is not None and all(isinstance(o, EventGenerationError) for o in outcomes):
         probe()
     return outcomes
@@ -71,10 +71,10 @@ def _isolate(engine: Engine, prompts: Sequence[Prompt]) -> list[Generation | Eve
         outputs = engine.generate(prompts)
     except Exception as exc:  # noqa: BLE001
         return _bisect(engine, prompts, exc)
-    return _accepted(engine, prompts, outputs)
+    return _one_outcome_per_prompt(engine, prompts, outputs)
 
 
-def _accepted(engine: Engine, prompts: Sequence[Prompt], outputs: Sequence[Generation | EventGenerationError]) -> list[Generation | EventGenerationError]:
+def _one_outcome_per_prompt(engine: Engine, prompts: Sequence[Prompt], outputs: Sequence[Generation | EventGenerationError]) -> list[Generation | EventGenerationError]:
     """One outcome per prompt; an empty summary is a failure, never a summary."""
     if len(outputs) != len(prompts):
         raise RuntimeError(f"engine {engine.kind} returned {len(outputs)} outputs for {len(prompts)} prompts")
