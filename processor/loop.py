@@ -56,7 +56,12 @@ LAG_EVERY_S = 5.0
 REPORT_EVERY_S = 10.0
 CONTINUOUS_COMMIT_EVERY_S = 0.2
 MAX_WARM_UP_COPIES = 64
-UNCOMMITTED_WINDOWS = 4  # continuous: records read but not committed ≤ this many in-flight windows (the duplicate bound)
+# Continuous: records read but not committed ≤ this many in-flight windows unless CONTINUOUS_MAX_UNCOMMITTED says
+# otherwise (the duplicate bound after a crash). Out-of-order completion piles finished-but-uncommitted records up
+# behind a partition's slowest request: about the engine's throughput × that request's time, with summary lengths of
+# median ~270 and a tail to 1,536 tokens up to ~5 windows (bench/gpu_bench.py's long tail: 303 records at a window of
+# 64). Four windows stopped intake ~430 times in 1,000 events there and cost the engine 1.5 % more steps; eight never.
+UNCOMMITTED_WINDOWS = 8
 # While the worker runs, a thread waiting for the GIL gets it after at most this long (CPython's default: 5 ms).
 # The engine's thread wakes from the GPU many times a second and must not wait behind the loop's Python work: on
 # an H100 with vLLM 0.24 (bench/gpu_bench.py, bench/results/switch-interval/) micro-batches went from 0.89 to 0.95
@@ -152,11 +157,10 @@ class Worker:
             refill = self.settings.continuous_refill_min or max(1, window // 8)
             feed = ContinuousFeed(self.engine, budget=budget, max_new_tokens=self.settings.sampling_max_tokens,
                                   max_sequences_default=self.limits.max_records, refill_min=refill)
-            # Out-of-order completion: bound what is read but not yet committed (and so what a crash can duplicate)
-            # to four in-flight windows, so one slow request cannot let published-but-uncommitted work pile up
-            # without bound, while the long tail of summary lengths (a 1,536-token summary holds its partition's
-            # commit while ~6 median ones finish behind it) does not starve the engine.
-            self.max_uncommitted = UNCOMMITTED_WINDOWS * feed.max_sequences
+            # Out-of-order completion: bound what is read but not yet committed (and so what a crash can duplicate),
+            # so one slow request cannot let published-but-uncommitted work pile up without bound; the default is
+            # roomy enough that the long tail of summary lengths does not starve the engine (UNCOMMITTED_WINDOWS).
+            self.max_uncommitted = self.settings.continuous_max_uncommitted or UNCOMMITTED_WINDOWS * feed.max_sequences
             return ContinuousScheduler(feed=feed, engine=self.engine, probe_prompt=probe, retry_timeout_s=timeout)
         batcher = MicroBatcher(self.limits.max_records, self.settings.batch_max_wait_ms / 1000, self.limits.max_prompt_tokens)
         self.max_uncommitted: int | None = None  # one batch at a time bounds it already
@@ -237,7 +241,7 @@ class Worker:
             self.producer.init_transactions(30)
         log.info("joining group %s on %s at %s", self.settings.kafka_group_id, self.settings.kafka_input_topic, self.settings.kafka_bootstrap_servers,
                  extra={"engine": self.engine.kind, "model": self.engine.model, "mode": self.settings.generation_mode.value,
-                        "batch_limits": self.limits.describe()})
+                        "batch_limits": self.limits.describe(), "max_uncommitted": self.max_uncommitted})
         self.consumer.subscribe([self.settings.kafka_input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
         self._subscribed = True
         self.metrics.ready(engine_loaded=True, assigned=False)

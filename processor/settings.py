@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     continuous_refill_min: int | None = Field(
         None, ge=1, description="continuous: refill the engine once this many sequence slots are free (default: window/8)"
     )
+    continuous_max_uncommitted: int | None = Field(
+        None, ge=1, description="continuous: records read but not yet committed, at most (the duplicate bound after a "
+        "crash; default: 8 in-flight windows)",
+    )
     model: str = Field("Qwen/Qwen2.5-7B-Instruct-AWQ", validation_alias=AliasChoices("vllm_model", "model"))
     vllm_quantization: str | None = "awq"
     vllm_gpu_memory_utilization: float = Field(0.92, gt=0.0, le=1.0)

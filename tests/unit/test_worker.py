@@ -269,3 +269,61 @@ def test_the_engine_thread_gets_the_gil_quickly_while_the_worker_runs_and_the_de
     assert run(worker, done) == 0
     assert max(seen) <= GIL_SWITCH_INTERVAL_S < before
     assert sys.getswitchinterval() == before
+
+
+class OneSlowRequestEngine(ExtractiveEngine):
+    """Streaming: the first event's request does not finish until `release` is set; every other one finishes at once."""
+
+    SLOW = "evt-000000"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def add_request(self, request_id, prompt):
+        super().add_request(request_id, prompt)
+        self._in_flight[request_id][0] = 10**9 if prompt.event.event_id == self.SLOW else 1
+
+    def step(self):
+        time.sleep(0.001)  # a GPU step takes time; without it this thread would spin on the GIL
+        if self.release.is_set():
+            for entry in self._in_flight.values():
+                entry[0] = min(entry[0], 1)
+        return super().step()
+
+
+def test_continuous_reads_no_more_than_the_uncommitted_bound_behind_a_slow_request_then_commits_everything(mode):
+    if mode != "continuous":
+        pytest.skip("micro_batch: one batch at a time is its bound (test_checkpoint)")
+    consumer, producer, engine = FakeGroupConsumer("in"), FakeProducer(), OneSlowRequestEngine()
+    feed(consumer, 30)
+    worker = Worker(settings(batch_max_records=2, continuous_max_uncommitted=6), engine, consumer=consumer, producer=producer)
+    assert worker.max_uncommitted == 6
+    uncommitted: list[int] = []
+    bound_reached_at: list[float] = []
+
+    def watch() -> bool:
+        uncommitted.append(len(worker.checkpoint.tracker))
+        if uncommitted[-1] >= 6 and not bound_reached_at:
+            bound_reached_at.append(time.monotonic())
+        if bound_reached_at and time.monotonic() - bound_reached_at[0] > 0.5:
+            engine.release.set()  # after half a second at the bound: nothing more was read meanwhile (asserted below)
+        return worker.records_committed == 30
+
+    assert run(worker, watch) == 0
+    assert max(uncommitted) == 6, "the slow request's partition holds its commit: reading stops at the bound, not before"
+    held = [n for n in uncommitted[uncommitted.index(6):] if n == 6]
+    assert len(held) > 10, "the loop kept stepping at the bound without reading more"
+    assert sorted(summaries(producer)) == [f"evt-{n:06d}" for n in range(30)]
+    assert consumer.commits[-1] == {("in", 0): 30}
+
+
+def test_continuous_reads_up_to_eight_windows_uncommitted_by_default(mode):
+    from processor.loop import UNCOMMITTED_WINDOWS
+
+    worker = Worker(settings(batch_max_records=4), ExtractiveEngine(), consumer=FakeGroupConsumer("in"), producer=FakeProducer())
+    if mode == "continuous":
+        assert UNCOMMITTED_WINDOWS == 8 and worker.max_uncommitted == 8 * 4
+    else:
+        assert worker.max_uncommitted is None
+    worker.scheduler.close()
