@@ -161,6 +161,9 @@ class Worker:
             # so one slow request cannot let published-but-uncommitted work pile up without bound; the default is
             # roomy enough that the long tail of summary lengths does not starve the engine (UNCOMMITTED_WINDOWS).
             self.max_uncommitted = self.settings.continuous_max_uncommitted or UNCOMMITTED_WINDOWS * feed.max_sequences
+            if self.max_uncommitted < feed.max_sequences:
+                log.warning("CONTINUOUS_MAX_UNCOMMITTED=%d is below the in-flight window of %d: the engine will hold at "
+                            "most %d requests at a time", self.max_uncommitted, feed.max_sequences, self.max_uncommitted)
             return ContinuousScheduler(feed=feed, engine=self.engine, probe_prompt=probe, retry_timeout_s=timeout)
         batcher = MicroBatcher(self.limits.max_records, self.settings.batch_max_wait_ms / 1000, self.limits.max_prompt_tokens)
         self.max_uncommitted: int | None = None  # one batch at a time bounds it already

@@ -327,3 +327,13 @@ def test_continuous_reads_up_to_eight_windows_uncommitted_by_default(mode):
     else:
         assert worker.max_uncommitted is None
     worker.scheduler.close()
+
+
+def test_an_uncommitted_bound_below_the_window_is_named_at_start_up(mode, caplog):
+    if mode != "continuous":
+        pytest.skip("the bound is continuous mode's")
+    with caplog.at_level("WARNING", logger="processor.loop"):
+        worker = Worker(settings(batch_max_records=8, continuous_max_uncommitted=3), ExtractiveEngine(),
+                        consumer=FakeGroupConsumer("in"), producer=FakeProducer())
+        worker.scheduler.close()
+    assert any("CONTINUOUS_MAX_UNCOMMITTED=3 is below the in-flight window of 8" in r.getMessage() for r in caplog.records)
