@@ -59,8 +59,9 @@ MAX_WARM_UP_COPIES = 64
 # Continuous: records read but not committed ≤ this many in-flight windows unless CONTINUOUS_MAX_UNCOMMITTED says
 # otherwise (the duplicate bound after a crash). Out-of-order completion piles finished-but-uncommitted records up
 # behind a partition's slowest request: about the engine's throughput × that request's time, with summary lengths of
-# median ~270 and a tail to 1,536 tokens up to ~5 windows (bench/gpu_bench.py's long tail: 303 records at a window of
-# 64). Four windows stopped intake ~430 times in 1,000 events there and cost the engine 1.5 % more steps; eight never.
+# median ~270 and a tail to 1,536 tokens up to ~5 windows (~300 records at a window of 64). bench/uncommitted_bound.py:
+# four windows stopped reading ~390 times in 1,000 events and cost the engine ~2 % more steps; eight never; one window
+# (a crash duplicating at most what is in flight) ran the engine at 0.4 of its speed.
 UNCOMMITTED_WINDOWS = 8
 # While the worker runs, a thread waiting for the GIL gets it after at most this long (CPython's default: 5 ms).
 # The engine's thread wakes from the GPU many times a second and must not wait behind the loop's Python work: on
