@@ -76,11 +76,13 @@ class SimulatedEngine(ExtractiveEngine):
 
 
 class IntakeWatch:
-    """Counts, on the worker's own loop, how often the bound held reading back and the most it saw uncommitted."""
+    """Counts, on the worker's own loop, how often the bound stopped reading (each stretch once) and the most it saw
+    uncommitted."""
 
     def __init__(self) -> None:
         self.stops = 0
         self.max_uncommitted = 0
+        self._stopped = False
         self._original = loop.Worker._consume
 
     def __enter__(self) -> "IntakeWatch":
@@ -89,8 +91,10 @@ class IntakeWatch:
         def consume(worker: loop.Worker) -> None:
             uncommitted = len(worker.checkpoint.tracker)
             watch.max_uncommitted = max(watch.max_uncommitted, uncommitted)
-            if worker.max_uncommitted is not None and uncommitted >= worker.max_uncommitted and worker.scheduler.wanted() > 0:
-                watch.stops += 1
+            bound = worker.max_uncommitted
+            stopped = bound is not None and uncommitted >= bound and worker.scheduler.wanted() > 0
+            watch.stops += stopped and not watch._stopped
+            watch._stopped = stopped
             original(worker)
 
         loop.Worker._consume = consume  # type: ignore[method-assign]

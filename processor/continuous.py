@@ -149,11 +149,21 @@ class ContinuousFeed:
         with self._cond:
             if self._closed or self.failure is not None:
                 return 0
-            capacity = self.max_sequences
-            if self.kv_tokens is not None:
-                capacity = min(capacity, max(1, int(self.kv_tokens // max(1.0, self._mean_cost))))
+            capacity = self._capacity_locked()
             lookahead = max(LOOKAHEAD_MIN, int(capacity * LOOKAHEAD_SHARE))
             return max(0, capacity + lookahead - (len(self._in_flight) - len(self._aborting)) - len(self._queue))
+
+    @property
+    def capacity(self) -> int:
+        """Requests the engine can hold at once: the sequence limit, or fewer where the KV cache fits fewer of the
+        requests seen so far (a running mean of their cost; before any, the worst case of a whole-context request)."""
+        with self._cond:
+            return self._capacity_locked()
+
+    def _capacity_locked(self) -> int:
+        if self.kv_tokens is None:
+            return self.max_sequences
+        return min(self.max_sequences, max(1, int(self.kv_tokens // max(1.0, self._mean_cost))))
 
     def failed_ids(self) -> list[str]:
         """The ids that were submitted and unfinished when the engine failed, in submission order."""

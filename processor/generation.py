@@ -281,6 +281,11 @@ class ContinuousScheduler:
     def window(self) -> int:
         return self.feed.max_sequences
 
+    @property
+    def capacity(self) -> int:
+        """Requests the engine holds at once, as far as its KV cache allows (≤ window)."""
+        return self.feed.capacity
+
     def warm_up(self, prompt: Prompt, copies: int = 1) -> None:
         self.feed.run_exclusive(lambda engine: _warm(engine, prompt, copies))
 

@@ -60,7 +60,7 @@ MAX_WARM_UP_COPIES = 64
 # otherwise (the duplicate bound after a crash). Out-of-order completion piles finished-but-uncommitted records up
 # behind a partition's slowest request: about the engine's throughput × that request's time, with summary lengths of
 # median ~270 and a tail to 1,536 tokens up to ~5 windows (~300 records at a window of 64). bench/uncommitted_bound.py:
-# four windows stopped reading ~390 times in 1,000 events and cost the engine ~2 % more steps; eight never; one window
+# four windows stopped reading 10 times in 1,000 events and cost the engine 1-2 % more steps; eight never; one window
 # (a crash duplicating at most what is in flight) ran the engine at 0.4 of its speed.
 UNCOMMITTED_WINDOWS = 8
 # While the worker runs, a thread waiting for the GIL gets it after at most this long (CPython's default: 5 ms).
@@ -161,13 +161,16 @@ class Worker:
             # Out-of-order completion: bound what is read but not yet committed (and so what a crash can duplicate),
             # so one slow request cannot let published-but-uncommitted work pile up without bound; the default is
             # roomy enough that the long tail of summary lengths does not starve the engine (UNCOMMITTED_WINDOWS).
-            self.max_uncommitted = self.settings.continuous_max_uncommitted or UNCOMMITTED_WINDOWS * feed.max_sequences
-            if self.max_uncommitted < feed.max_sequences:
-                log.warning("CONTINUOUS_MAX_UNCOMMITTED=%d is below the in-flight window of %d: the engine will hold at "
-                            "most %d requests at a time", self.max_uncommitted, feed.max_sequences, self.max_uncommitted)
+            if self.settings.continuous_max_uncommitted is not None and self.settings.continuous_max_uncommitted < feed.capacity:
+                log.warning("CONTINUOUS_MAX_UNCOMMITTED=%d is below the %d requests the engine can hold: it will hold at "
+                            "most %d at a time", self.settings.continuous_max_uncommitted, feed.capacity,
+                            self.settings.continuous_max_uncommitted)
             return ContinuousScheduler(feed=feed, engine=self.engine, probe_prompt=probe, retry_timeout_s=timeout)
+        continuous_only = [name for name, value in (("CONTINUOUS_MAX_UNCOMMITTED", self.settings.continuous_max_uncommitted),
+                                                     ("CONTINUOUS_REFILL_MIN", self.settings.continuous_refill_min)) if value is not None]
+        if continuous_only:
+            log.warning("%s only apply with GENERATION_MODE=continuous; ignored in micro_batch mode", ", ".join(continuous_only))
         batcher = MicroBatcher(self.limits.max_records, self.settings.batch_max_wait_ms / 1000, self.limits.max_prompt_tokens)
-        self.max_uncommitted: int | None = None  # one batch at a time bounds it already
         return MicroBatchScheduler(engine=self.engine, batcher=batcher, probe_prompt=probe, retry_timeout_s=timeout)
 
     def _probe_prompt(self) -> Prompt:
@@ -176,6 +179,15 @@ class Worker:
         return self.prompts.build(validate_event(sample_events()[1]))
 
     # ------------------------------------------------------------------------------------------------ control
+    @property
+    def max_uncommitted(self) -> int | None:
+        """Continuous: records read but not yet committed, at most (None in micro_batch mode, where one batch at a
+        time bounds it). By default UNCOMMITTED_WINDOWS × the requests the engine can hold now (its KV cache, not
+        just its sequence limit, decides how many)."""
+        if not self.continuous:
+            return None
+        return self.settings.continuous_max_uncommitted or UNCOMMITTED_WINDOWS * self.scheduler.capacity  # type: ignore[attr-defined]
+
     @property
     def committed(self) -> dict[TP, int]:
         """What this worker committed last, per partition (tests, lag, backfill progress)."""
@@ -274,8 +286,9 @@ class Worker:
 
     def _consume(self) -> None:
         wanted = 0 if (self._inbox or self.checkpoint.holding) else self.scheduler.wanted()
-        if self.max_uncommitted is not None:
-            wanted = min(wanted, self.max_uncommitted - len(self.checkpoint.tracker))
+        bound = self.max_uncommitted
+        if bound is not None:
+            wanted = min(wanted, bound - len(self.checkpoint.tracker))
         if wanted > 0:
             self._full_since = None
             self._set_paused(False)
@@ -373,7 +386,7 @@ class Worker:
         if self._commits.failing and not self._commits.due() and not force:
             return
         try:
-            self.checkpoint.commit(force)
+            self.checkpoint.commit(force or self._commit_now())
         except CommitFailedError as exc:
             if self.checkpoint.needs_rewind:
                 self._rewind()
@@ -382,6 +395,15 @@ class Worker:
             log.warning("%s; holding the pipeline, retry %d in %.1f s", exc, self._commits.attempts, self._commits.next_at - time.monotonic())
             return
         self._commits.succeeded()
+
+    def _commit_now(self) -> bool:
+        """Continuous mode commits at most every CONTINUOUS_COMMIT_EVERY_S, except when waiting gains nothing: at the
+        uncommitted bound reading has stopped until a commit makes room, and with nothing left in the engine no
+        more finishes are coming to share the commit (the end of a burst: lag drops to 0 at once)."""
+        bound = self.max_uncommitted
+        if bound is None:
+            return False
+        return len(self.checkpoint.tracker) >= bound or (not self.scheduler.in_flight() and not self.scheduler.pending())
 
     def _on_acknowledged(self, record: OutgoingRecord) -> None:
         self.health.ok()

@@ -329,11 +329,42 @@ def test_continuous_reads_up_to_eight_windows_uncommitted_by_default(mode):
     worker.scheduler.close()
 
 
-def test_an_uncommitted_bound_below_the_window_is_named_at_start_up(mode, caplog):
-    if mode != "continuous":
-        pytest.skip("the bound is continuous mode's")
+def test_the_uncommitted_bound_is_named_at_start_up_where_it_limits_the_engine_or_does_not_apply(mode, caplog):
     with caplog.at_level("WARNING", logger="processor.loop"):
         worker = Worker(settings(batch_max_records=8, continuous_max_uncommitted=3), ExtractiveEngine(),
                         consumer=FakeGroupConsumer("in"), producer=FakeProducer())
         worker.scheduler.close()
-    assert any("CONTINUOUS_MAX_UNCOMMITTED=3 is below the in-flight window of 8" in r.getMessage() for r in caplog.records)
+    messages = [r.getMessage() for r in caplog.records]
+    if mode == "continuous":
+        assert any("CONTINUOUS_MAX_UNCOMMITTED=3 is below the 8 requests the engine can hold" in m for m in messages)
+    else:
+        assert any("CONTINUOUS_MAX_UNCOMMITTED only apply with GENERATION_MODE=continuous" in m for m in messages)
+
+
+def test_continuous_at_the_uncommitted_bound_commits_without_waiting_out_the_commit_interval(mode, monkeypatch):
+    if mode != "continuous":
+        pytest.skip("the bound is continuous mode's")
+    import processor.loop
+
+    # An interval no run outlives: after the first commit only the bound (or an idle engine) may commit before the
+    # shutdown, and a slow request on partition 1 keeps the engine busy throughout.
+    monkeypatch.setattr(processor.loop, "CONTINUOUS_COMMIT_EVERY_S", 3600.0)
+    consumer, producer, engine = FakeGroupConsumer("in", partitions=2), FakeProducer(), OneSlowRequestEngine()
+    engine.SLOW = "evt-000099"
+    consumer.add(1, b"k99", CODEC.encode(make_event(99), EVENT_SCHEMA))
+    for n in range(12):
+        consumer.add(0, f"k{n}".encode(), CODEC.encode(make_event(n), EVENT_SCHEMA))
+    worker = Worker(settings(batch_max_records=2, continuous_max_uncommitted=4), engine, consumer=consumer, producer=producer)
+
+    commits_while_slow: list[dict] = []
+
+    def release_once_partition_0_committed_9() -> bool:
+        if not engine.release.is_set() and worker.committed.get(("in", 0), 0) >= 9:
+            commits_while_slow.extend(consumer.commits)
+            engine.release.set()
+        return worker.records_committed == 13
+
+    assert run(worker, release_once_partition_0_committed_9, timeout_s=10.0) == 0
+    assert worker.records_committed == 13
+    assert len(commits_while_slow) >= 3 and all(("in", 1) not in c for c in commits_while_slow), \
+        "each time reading stopped at the bound a commit made room, while the slow request was still generating"
