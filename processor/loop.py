@@ -169,7 +169,7 @@ class Worker:
         continuous_only = [name for name, value in (("CONTINUOUS_MAX_UNCOMMITTED", self.settings.continuous_max_uncommitted),
                                                      ("CONTINUOUS_REFILL_MIN", self.settings.continuous_refill_min)) if value is not None]
         if continuous_only:
-            log.warning("%s only apply with GENERATION_MODE=continuous; ignored in micro_batch mode", ", ".join(continuous_only))
+            log.warning("ignored in micro_batch mode (GENERATION_MODE=continuous settings): %s", ", ".join(continuous_only))
         batcher = MicroBatcher(self.limits.max_records, self.settings.batch_max_wait_ms / 1000, self.limits.max_prompt_tokens)
         return MicroBatchScheduler(engine=self.engine, batcher=batcher, probe_prompt=probe, retry_timeout_s=timeout)
 

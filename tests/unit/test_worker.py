@@ -338,7 +338,7 @@ def test_the_uncommitted_bound_is_named_at_start_up_where_it_limits_the_engine_o
     if mode == "continuous":
         assert any("CONTINUOUS_MAX_UNCOMMITTED=3 is below the 8 requests the engine can hold" in m for m in messages)
     else:
-        assert any("CONTINUOUS_MAX_UNCOMMITTED only apply with GENERATION_MODE=continuous" in m for m in messages)
+        assert any("ignored in micro_batch mode (GENERATION_MODE=continuous settings): CONTINUOUS_MAX_UNCOMMITTED" in m for m in messages)
 
 
 def test_continuous_at_the_uncommitted_bound_commits_without_waiting_out_the_commit_interval(mode, monkeypatch):
