@@ -87,3 +87,13 @@ def test_the_first_permanent_delivery_failure_is_latched_and_raised():
     assert not sink.flush(1.0)
     with pytest.raises(OutputUnavailableError, match="after 2 attempt"):
         sink.raise_for_error()
+
+
+def test_several_failed_deliveries_are_re_sent_in_their_original_order():
+    producer = FakeProducer()
+    sink = Sink(producer=producer, max_attempts=3)
+    timed_out = KafkaError(KafkaError._MSG_TIMED_OUT, "timed out", retriable=True)
+    producer.failures.extend([timed_out, timed_out, None, timed_out])  # offsets 0, 1 and 3 fail; 2 is delivered
+    sink.add([out(n, b"a") for n in range(4)])
+    assert sink.flush(1.0)
+    assert [p.value for p in producer.produced] == [b"v0", b"v1", b"v2", b"v3", b"v0", b"v1", b"v3"]
