@@ -27,6 +27,8 @@ class SourceRecord:
     timestamp_ms: int | None
     headers: tuple[tuple[str, bytes], ...] = ()
     epoch: int = 0  # the partition's assignment epoch when consumed; stale after a revoke
+    # Why the headers could not be read (a header name that is not UTF-8, say), else None; `headers` is then empty.
+    unreadable_headers: str | None = None
 
 
 @dataclass(frozen=True)

@@ -110,3 +110,13 @@ class TransactionFatalError(InfrastructureError):
 # ------------------------------------------------------------------------------------------------- records
 class RecordTooLargeError(RecordError):
     """The record's value is larger than MAX_EVENT_BYTES."""
+
+
+class UnreadableHeadersError(RecordError):
+    """The record's headers cannot be read (a header name that is not UTF-8, written by a Java, Go or kcat client):
+    its dead letter carries the key and value, without those headers."""
+
+
+class OutputTooLargeError(RecordError):
+    """No output of this record fits the producer's message.max.bytes, even shrunk (an input key over the limit, say),
+    or the output topic refused it as too large: the event is dead-lettered instead of the worker crash-looping."""

@@ -15,13 +15,21 @@ from confluent_kafka import Message
 
 from processor.batcher import BatchItem, SourceRecord
 from processor.codec import EVENT_SCHEMA
-from processor.errors import InfrastructureError, RecordError, RecordTooLargeError
+from processor.errors import InfrastructureError, RecordError, RecordTooLargeError, UnreadableHeadersError
 from processor.events import validate_event
 from processor.prompt import PromptBuilder
 
 
 def source_of(message: Message, epoch: int) -> SourceRecord:
+    """The message as a source record. Never raises for the record's own content: headers that cannot be read
+    (confluent-kafka raises UnicodeDecodeError for a header name that is not UTF-8) are left out and the reason
+    kept, so that intake dead-letters the record instead of the worker crash-looping on it."""
     timestamp_type, timestamp = message.timestamp()
+    unreadable: str | None = None
+    try:
+        headers = tuple(message.headers() or ())
+    except Exception as exc:  # noqa: BLE001 - whatever the client raises for this record's headers is the record's fault
+        headers, unreadable = (), f"{type(exc).__name__}: {exc}"[:500]
     return SourceRecord(
         message.topic(),
         message.partition(),
@@ -29,8 +37,9 @@ def source_of(message: Message, epoch: int) -> SourceRecord:
         message.key(),
         message.value(),
         timestamp if timestamp_type else None,
-        tuple(message.headers() or ()),
+        headers,
         epoch,
+        unreadable,
     )
 
 
@@ -44,6 +53,8 @@ class Intake:
         """Everything between bytes and prompt. Raises only InfrastructureError."""
         event_id: str | None = None
         try:
+            if source.unreadable_headers is not None:
+                raise UnreadableHeadersError(f"the record's headers cannot be read: {source.unreadable_headers}")
             if source.value is not None and len(source.value) > self.max_event_bytes:
                 raise RecordTooLargeError(f"value is {len(source.value)} bytes, over MAX_EVENT_BYTES={self.max_event_bytes}")
             record = self.codec.decode(source.value, EVENT_SCHEMA, source.topic)

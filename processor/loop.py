@@ -113,7 +113,8 @@ class Worker:
             model=engine.model, prompt_version=self.prompts.version, max_record_bytes=max_record_bytes(producer_conf),
             citations=_citations(self.codec.store),
         )
-        self.sink = Sink(producer=self.producer, max_attempts=settings.produce_max_attempts, on_acknowledged=self._on_acknowledged)
+        self.sink = Sink(producer=self.producer, max_attempts=settings.produce_max_attempts, on_acknowledged=self._on_acknowledged,
+                         shrink=self.records.smaller)
         self.ownership = Ownership()
         commit_every = CONTINUOUS_COMMIT_EVERY_S if self.continuous else 0.0
         self.checkpoint: Checkpoint

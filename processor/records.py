@@ -9,23 +9,56 @@ known record error, else `UnexpectedError`: a bounded set, safe as a metric labe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
 from processor import __version__
 from processor.batcher import BatchItem, SourceRecord
 from processor.engines.base import Generation
-from processor.errors import RecordError
+from processor.errors import OutputTooLargeError, RecordError
 
 DLQ_HEADER_PREFIX = "dlq."
 RENAMED_INPUT_PREFIX = "input."
 UNEXPECTED_REASON = "UnexpectedError"
 MAX_ERROR_MESSAGE_CHARS = 2000
-# The producer's message.max.bytes (Kafka's broker default too); a dead letter whose value would pass it is
-# published without the value.
+# The producer's message.max.bytes (Kafka's broker default too). Every output is sized as a whole against it before
+# it is produced, the way librdkafka sizes it, and shrunk (flagged) when it would not fit: the producer refuses a
+# record over it at produce(), and refusing the same record again on every restart would be a crash loop.
 DEFAULT_MAX_RECORD_BYTES = 1_000_000
-_HEADER_ALLOWANCE = 16_384  # our dlq.* headers plus the input's own, generously
+# librdkafka's framing of one record besides key, value and headers (RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD): length,
+# attributes, timestamp and offset deltas, key and value lengths, header count, each at its widest varint.
+RECORD_FRAMING_BYTES = 36
+# A dead letter carries the input's own headers (trace ids) up to this many bytes; the rest are left out, flagged.
+INPUT_HEADER_ALLOWANCE = 64 * 1024
+SUMMARY_QUERY_TRUNCATED_HEADER = "query_truncated"
+
+
+def _varint_bytes(n: int) -> int:
+    """Bytes of Kafka's zigzag varint for n (header name and value lengths; -1 for a null value)."""
+    n = (n << 1) ^ (n >> 63)
+    size = 1
+    while n >= 0x80:
+        n >>= 7
+        size += 1
+    return size
+
+
+def headers_bytes(headers: Iterable[tuple[str, bytes | None]]) -> int:
+    total = 0
+    for name, value in headers:
+        name_bytes = len(name.encode("utf-8", "replace"))
+        total += _varint_bytes(name_bytes) + name_bytes + (_varint_bytes(len(value)) + len(value) if value is not None else 1)
+    return total
+
+
+def record_bytes(key: bytes | None, value: bytes | None, headers: Iterable[tuple[str, bytes | None]]) -> int:
+    """A record's size as librdkafka checks it against message.max.bytes: framing + key + value + headers."""
+    return RECORD_FRAMING_BYTES + len(key or b"") + len(value or b"") + headers_bytes(headers)
+
+
+def _flagged(headers: list[tuple[str, bytes | None]], name: str, text: str) -> list[tuple[str, bytes | None]]:
+    return [(k, v) for k, v in headers if k != name] + [(name, text.encode())]
 
 
 @dataclass(frozen=True)
@@ -36,17 +69,60 @@ class OutgoingRecord:
     headers: list[tuple[str, bytes | None]]
     source: SourceRecord
     reason: str | None = None  # set on dead letters: the bounded error class
+    event_id: str | None = None  # the event's id where it was decoded that far
+    # What was cut or left out so that the record fits message.max.bytes ("query", "value", "key", "input_headers"),
+    # in the order it happened; each is flagged in a header too, for the consumers of the topic.
+    shrunk: tuple[str, ...] = ()
 
     @property
     def is_dead_letter(self) -> bool:
         return self.reason is not None
 
+    @property
+    def size(self) -> int:
+        return record_bytes(self.key, self.value, self.headers)
+
     def without_value(self) -> "OutgoingRecord":
         """The same dead letter with its value left out, flagged, for a value the broker will not take."""
-        size = len(self.value or b"")
-        headers = [(k, v) for k, v in self.headers if k not in (f"{DLQ_HEADER_PREFIX}value_omitted",)]
-        headers.append((f"{DLQ_HEADER_PREFIX}value_omitted", f"too large: {size} bytes".encode()))
-        return OutgoingRecord(self.topic, self.key, None, headers, self.source, self.reason)
+        headers = _flagged(self.headers, f"{DLQ_HEADER_PREFIX}value_omitted", f"too large: {len(self.value or b'')} bytes")
+        return replace(self, value=None, headers=headers, shrunk=self.shrunk + ("value",))
+
+    def without_key(self) -> "OutgoingRecord":
+        """The same dead letter with its key left out, flagged (a key over the size limit can be carried by nothing)."""
+        headers = _flagged(self.headers, f"{DLQ_HEADER_PREFIX}key_omitted", f"too large: {len(self.key or b'')} bytes")
+        return replace(self, key=None, headers=headers, shrunk=self.shrunk + ("key",))
+
+    def without_input_headers(self) -> "OutgoingRecord":
+        """The same dead letter without the input's own headers (everything but the worker's dlq.* ones), flagged."""
+        ours = [(k, v) for k, v in self.headers if k.startswith(DLQ_HEADER_PREFIX)]
+        theirs = [(k, v) for k, v in self.headers if not k.startswith(DLQ_HEADER_PREFIX)]
+        headers = _flagged(ours, f"{DLQ_HEADER_PREFIX}input_headers_omitted",
+                           f"{len(theirs)} input header(s), {headers_bytes(theirs)} bytes: too large")
+        return replace(self, headers=headers, shrunk=self.shrunk + ("input_headers",))
+
+    def smaller(self) -> "OutgoingRecord | None":
+        """This dead letter with its largest part left out (value, key or the input's headers); None for a summary or
+        when only the worker's own headers are left."""
+        if not self.is_dead_letter:
+            return None
+        theirs = [(k, v) for k, v in self.headers if not k.startswith(DLQ_HEADER_PREFIX)]
+        parts = [(len(self.value), self.without_value) if self.value is not None else None,
+                 (len(self.key), self.without_key) if self.key is not None else None,
+                 (headers_bytes(theirs), self.without_input_headers) if theirs else None]
+        candidates = [part for part in parts if part is not None]
+        if not candidates:
+            return None
+        return max(candidates, key=lambda part: part[0])[1]()
+
+    def fitted(self, max_bytes: int) -> "OutgoingRecord":
+        """This dead letter shrunk, largest part first, until it fits `max_bytes` (or nothing is left to drop)."""
+        record = self
+        while record.size > max_bytes:
+            smaller = record.smaller()
+            if smaller is None:
+                break
+            record = smaller
+        return record
 
 
 def reason_of(error: BaseException) -> str:
@@ -90,11 +166,29 @@ def dead_letter(
     headers: list[tuple[str, bytes | None]] = [
         (DLQ_HEADER_PREFIX + name, str(value).encode()) for name, value in fields.items() if value is not None
     ]
-    headers += _safe_input_headers(source.headers)  # the producer's own headers (trace ids) after ours
-    record = OutgoingRecord(dlq_topic, source.key, source.value, headers, source, reason)
-    if len(source.value or b"") + len(source.key or b"") + _HEADER_ALLOWANCE > max_record_bytes:
-        return record.without_value()
-    return record
+    shrunk: tuple[str, ...] = ()
+    if source.unreadable_headers is not None:
+        headers.append((f"{DLQ_HEADER_PREFIX}input_headers_omitted", f"unreadable: {source.unreadable_headers}".encode()))
+        shrunk = ("input_headers",)
+    kept, left_out = _within_allowance(_safe_input_headers(source.headers), INPUT_HEADER_ALLOWANCE)
+    if left_out:
+        headers.append((f"{DLQ_HEADER_PREFIX}input_headers_omitted",
+                        f"{len(left_out)} input header(s), {headers_bytes(left_out)} bytes: over the "
+                        f"{INPUT_HEADER_ALLOWANCE}-byte allowance".encode()))
+        shrunk = ("input_headers",)
+    headers += kept  # the producer's own headers (trace ids) after ours
+    record = OutgoingRecord(dlq_topic, source.key, source.value, headers, source, reason, event_id, shrunk)
+    return record.fitted(max_record_bytes)
+
+
+def _within_allowance(headers: list[tuple[str, bytes | None]], allowance: int) -> tuple[list[tuple[str, bytes | None]], list[tuple[str, bytes | None]]]:
+    """The headers that fit `allowance` bytes, in order, and those left out (from the first that does not fit on)."""
+    used = 0
+    for index, header in enumerate(headers):
+        used += headers_bytes([header])
+        if used > allowance:
+            return headers[:index], headers[index:]
+    return headers, []
 
 
 def parse_dead_letter(key: bytes | None, value: bytes | None, headers: Iterable[tuple[str, bytes | None]] | None) -> dict[str, Any]:
@@ -177,4 +271,33 @@ class RecordBuilder:
             record["citations"] = self.citations(event, text)
         # Same key as the input, so per-key order and partitioning hold downstream.
         key = source.key if source.key is not None else event.event_id.encode()
-        return OutgoingRecord(self.output_topic, key, self.encode_summary(record), [("event_id", event.event_id.encode())], source)
+        headers: list[tuple[str, bytes | None]] = [("event_id", event.event_id.encode())]
+        summary = OutgoingRecord(self.output_topic, key, self.encode_summary(record), headers, source, event_id=event.event_id)
+        if summary.size <= self.max_record_bytes:
+            return summary
+        # Too large as a whole. The query is the one unbounded text a summary carries (the summary's own length is
+        # bounded by SAMPLING_MAX_TOKENS, citations by the results it cites): cut it to what fits, and say so.
+        query = event.query.encode("utf-8", "replace")
+        headers = headers + [(SUMMARY_QUERY_TRUNCATED_HEADER, f"from {len(query)} bytes".encode())]
+        without_query = record_bytes(key, self.encode_summary({**record, "query": ""}), headers)
+        room = self.max_record_bytes - without_query - 8  # the query's length varint grows with it: at most 5 bytes
+        if room > 0:
+            record["query"] = query[:room].decode("utf-8", "ignore")
+            cut = OutgoingRecord(self.output_topic, key, self.encode_summary(record), headers, source,
+                                 event_id=event.event_id, shrunk=("query",))
+            if cut.size <= self.max_record_bytes:
+                return cut
+        # Even with no query the summary does not fit: its key (the input's, over the limit) is what is too large.
+        # Keyed by something else it would lose per-key order downstream without a word, so the event is
+        # dead-lettered instead, saying why (and the dead letter, shrunk in turn, leaves the key out).
+        error = OutputTooLargeError(f"the summary is {summary.size} bytes with a {len(key)}-byte key, over "
+                                    f"message.max.bytes={self.max_record_bytes} even with its query cut")
+        return dead_letter(source, error, self.dlq_topic, event_id=event.event_id, now=now, max_record_bytes=self.max_record_bytes)
+
+    def smaller(self, record: OutgoingRecord) -> OutgoingRecord | None:
+        """A record the producer or the broker refused as too large, made smaller (the sink's fallback): a dead
+        letter loses its largest part; a summary becomes its event's dead letter (OutputTooLargeError)."""
+        if record.is_dead_letter:
+            return record.smaller()
+        error = OutputTooLargeError(f"{record.topic} refused the summary ({record.size} bytes) as too large")
+        return dead_letter(record.source, error, self.dlq_topic, event_id=record.event_id, max_record_bytes=self.max_record_bytes)

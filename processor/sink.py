@@ -5,7 +5,10 @@ producer do the same), so the worker stops rather than commit past an output tha
 The producer is idempotent (acks=all): librdkafka retries inside `message.timeout.ms` and keeps order. A record
 whose delivery still fails is re-sent up to PRODUCE_MAX_ATTEMPTS times; the sink then takes nothing new and waits
 for every record in flight before it re-sends the failed ones in their original order, so per-key order holds.
-A dead letter the broker refuses as too large is re-sent once without its value (flagged), never crash-looping.
+A record the producer or the broker refuses as too large is handed to `shrink` (records.py sizes every output
+before this, but a topic's own max.message.bytes may be lower): a dead letter comes back without its largest part,
+a summary as its event's dead letter, each flagged, and is re-sent in its place; only when nothing is left to shrink
+is the refusal latched. Refusing the same record on every restart would be a crash loop that never moves the partition.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ class Sink:
         producer: Any,
         max_attempts: int,
         on_acknowledged: Callable[[OutgoingRecord], None] | None = None,
+        shrink: Callable[[OutgoingRecord], OutgoingRecord | None] = OutgoingRecord.smaller,
     ) -> None:
         self.producer = producer
         self.max_attempts = max_attempts
         self.on_acknowledged = on_acknowledged
+        self.shrink = shrink
         self.in_flight = 0
         self.acknowledged = 0
         self._sequence = 0
@@ -90,10 +95,13 @@ class Sink:
                 if self.on_acknowledged:
                     self.on_acknowledged(record)
                 return
-            if record.is_dead_letter and record.value is not None and err.code() in _TOO_LARGE:
-                log.warning("dead letter for %s[%d]@%d too large for %s (%s): re-sent without its value",
-                            record.source.topic, record.source.partition, record.source.offset, record.topic, err.str())
-                self._failed[sequence] = record.without_value()
+            smaller = self.shrink(record) if err.code() in _TOO_LARGE else None
+            if smaller is not None:
+                log.warning("%s refused the record for %s[%d]@%d as too large (%s): re-sent as %s",
+                            record.topic, record.source.topic, record.source.partition, record.source.offset, err.str(),
+                            _described(smaller))
+                self._attempts[sequence] = 0  # a different record now: its own attempts
+                self._failed[sequence] = smaller
                 return
             attempts = self._attempts[sequence]
             if attempts >= self.max_attempts or err.fatal() or err.code() in _TOO_LARGE:
@@ -114,11 +122,18 @@ class Sink:
             except KafkaException as exc:  # refused locally, before any delivery report (too large, say)
                 self.in_flight -= 1
                 error = exc.args[0]
-                if record.is_dead_letter and record.value is not None and error.code() in _TOO_LARGE:
-                    log.warning("dead letter for %s[%d]@%d over the producer's size limit: sent without its value",
-                                record.source.topic, record.source.partition, record.source.offset)
-                    self._produce(sequence, record.without_value())
+                smaller = self.shrink(record) if error.code() in _TOO_LARGE else None
+                if smaller is not None:
+                    log.warning("record for %s[%d]@%d over the producer's size limit: sent as %s",
+                                record.source.topic, record.source.partition, record.source.offset, _described(smaller))
+                    self._attempts[sequence] = 0
+                    self._produce(sequence, smaller)
                 elif self._error is None:
                     self._error = f"{record.topic}: {error.str()}"
                     log.error("produce refused: %s", self._error)
                 return
+
+
+def _described(record: OutgoingRecord) -> str:
+    kind = f"a dead letter ({record.reason})" if record.is_dead_letter else "a summary"
+    return f"{kind} of {record.size} bytes" + (f" (shrunk: {', '.join(record.shrunk)})" if record.shrunk else "")

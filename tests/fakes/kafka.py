@@ -18,13 +18,17 @@ class FakeMessage:
     _value: bytes | None
     _headers: list[tuple[str, bytes | None]] | None = None
     _error: KafkaError | None = None
+    _headers_error: Exception | None = None  # headers() raises it, as confluent-kafka does for a non-UTF-8 name
 
     def topic(self) -> str: return self._topic
     def partition(self) -> int: return self._partition
     def offset(self) -> int: return self._offset
     def key(self) -> bytes | None: return self._key
     def value(self) -> bytes | None: return self._value
-    def headers(self) -> list[tuple[str, bytes | None]] | None: return self._headers
+    def headers(self) -> list[tuple[str, bytes | None]] | None:
+        if self._headers_error is not None:
+            raise self._headers_error
+        return self._headers
     def error(self) -> KafkaError | None: return self._error
     def timestamp(self) -> tuple[int, int]: return (1, 1_700_000_000_000)
 
@@ -38,20 +42,41 @@ class Produced:
     on_delivery: Callable[[KafkaError | None, Any], None]
 
 
-class FakeProducer:
-    """Every produce() waits for poll(); `fail_next` makes the next N deliveries fail with the given error."""
+def librdkafka_size(key: bytes | None, value: bytes | None, headers: Any) -> int:
+    """What librdkafka checks against message.max.bytes: 36 bytes of framing, key, value, and each header's name and
+    value with their zigzag-varint lengths (checked against a real Producer in tests/unit/test_records_and_sink.py)."""
 
-    def __init__(self, max_bytes: int | None = None) -> None:
+    def varint(n: int) -> int:
+        n, size = (n << 1) ^ (n >> 63), 1
+        while n >= 0x80:
+            n, size = n >> 7, size + 1
+        return size
+
+    size = 36 + len(key or b"") + len(value or b"")
+    for name, data in headers or []:
+        size += varint(len(name.encode())) + len(name.encode()) + (varint(len(data)) + len(data) if data is not None else 1)
+    return size
+
+
+class FakeProducer:
+    """Every produce() waits for poll(); `failures` makes the next deliveries fail with the given errors (None: that
+    one is delivered). `max_bytes` refuses a larger value at produce() (the whole record with `whole_record`, sized
+    as librdkafka does); `broker_max_bytes` fails the delivery of a larger record, as a broker's size limit does."""
+
+    def __init__(self, max_bytes: int | None = None, *, whole_record: bool = False, broker_max_bytes: int | None = None) -> None:
         self.produced: list[Produced] = []
         self.waiting: list[Produced] = []
         self.delivered: list[Produced] = []
         self.failures: list[KafkaError] = []
         self.max_bytes = max_bytes
+        self.whole_record = whole_record
+        self.broker_max_bytes = broker_max_bytes
         self.hold = False  # deliveries stay outstanding while True
         self.transactions: list[str] = []
 
     def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None, headers: Any = None, on_delivery: Any = None) -> None:
-        if self.max_bytes is not None and len(value or b"") > self.max_bytes:
+        size = librdkafka_size(key, value, headers) if self.whole_record else len(value or b"")
+        if self.max_bytes is not None and size > self.max_bytes:
             raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "Message size too large"))
         record = Produced(topic, value, key, list(headers or []), on_delivery)
         self.produced.append(record)
@@ -63,6 +88,8 @@ class FakeProducer:
         waiting, self.waiting = self.waiting, []
         for record in waiting:
             error = self.failures.pop(0) if self.failures else None
+            if error is None and self.broker_max_bytes is not None and librdkafka_size(record.key, record.value, record.headers) > self.broker_max_bytes:
+                error = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "Broker: Message size too large")
             if error is None:
                 self.delivered.append(record)
             record.on_delivery(error, None)
@@ -123,9 +150,10 @@ class FakeGroupConsumer(FakeConsumer):
         self.before_consume: Callable[["FakeGroupConsumer"], None] | None = None
         self.delivered_per_partition: dict[int, int] = {}
 
-    def add(self, partition: int, key: bytes | None, value: bytes | None, headers: list | None = None) -> FakeMessage:
+    def add(self, partition: int, key: bytes | None, value: bytes | None, headers: list | None = None,
+            headers_error: Exception | None = None) -> FakeMessage:
         offset = sum(1 for m in self.queue if m.partition() == partition) + self.delivered_per_partition.get(partition, 0)
-        message = FakeMessage(self.topic, partition, offset, key, value, headers)
+        message = FakeMessage(self.topic, partition, offset, key, value, headers, _headers_error=headers_error)
         self.queue.append(message)
         return message
 
