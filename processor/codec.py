@@ -16,7 +16,7 @@ from typing import Any
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from processor.errors import RecordError, RegistryUnavailableError
+from processor.errors import RecordError, RecordTooLargeError, RegistryUnavailableError
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 HEADER_LENGTH = len(SINGLE_OBJECT_MAGIC) + 8
@@ -25,6 +25,13 @@ SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 EVENT_SCHEMA = "ai_worker.SearchResultEvent"
 SUMMARY_SCHEMA = "ai_worker.SearchSummary"
 DEAD_LETTER_SCHEMA = "ai_worker.DeadLetter"
+
+# Search results an event may carry (MAX_EVENT_RESULTS). The prompt uses at most the top 100 ranks
+# (prompt.MAX_RESULTS_PER_EVENT) and a search page holds 10 to 100, so no real event comes near it; an event past it
+# is dead-lettered from the array's block counts, before a single result object is decoded or validated (decoding
+# 4 MB of empty results builds ~700,000 dicts, then as many pydantic models: seconds and hundreds of MB each).
+DEFAULT_MAX_RESULTS = 1_000
+_CAPPED_ARRAYS = {EVENT_SCHEMA: "results"}
 
 
 class DecodeError(RecordError):
@@ -41,6 +48,111 @@ class UnknownSchemaError(DecodeError):
 
 class CorruptBodyError(DecodeError):
     """The header is fine but the Avro body is truncated or does not match its schema."""
+
+
+class TooManyResultsError(RecordTooLargeError):
+    """The event carries more search results than MAX_EVENT_RESULTS; decided before any result is decoded."""
+
+
+class _Unscannable(Exception):
+    """The body's prefix cannot be walked (truncated, or a schema shape the scan does not know): the full decode
+    decides what is wrong with it."""
+
+
+def _read_long(data: bytes, pos: int) -> tuple[int, int]:
+    """An Avro long (zigzag varint) at `pos` → (value, position after it)."""
+    result = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise _Unscannable("varint runs past the body")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return (result >> 1) ^ -(result & 1), pos
+
+
+def _skip(schema: Any, data: bytes, pos: int) -> int:
+    """The position after one value of `schema` (a fastavro-parsed schema), without building it."""
+    if isinstance(schema, list):  # union: branch index, then that branch
+        index, pos = _read_long(data, pos)
+        if not 0 <= index < len(schema):
+            raise _Unscannable("union index out of range")
+        return _skip(schema[index], data, pos)
+    kind = schema["type"] if isinstance(schema, dict) else schema
+    if kind == "null":
+        return pos
+    if kind == "boolean":
+        return pos + 1
+    if kind in ("int", "long", "enum"):
+        return _read_long(data, pos)[1]
+    if kind == "float":
+        return pos + 4
+    if kind == "double":
+        return pos + 8
+    if kind in ("string", "bytes"):
+        length, pos = _read_long(data, pos)
+        if length < 0 or pos + length > len(data):
+            raise _Unscannable("length runs past the body")
+        return pos + length
+    if kind == "fixed":
+        return pos + int(schema["size"])
+    if kind == "record" or kind == "error":
+        for field in schema["fields"]:
+            pos = _skip(field["type"], data, pos)
+        return pos
+    if kind in ("array", "map"):
+        while True:
+            count, pos = _read_long(data, pos)
+            if count == 0:
+                return pos
+            if count < 0:  # a block with its byte size: jump over it
+                size, pos = _read_long(data, pos)
+                pos += size
+                continue
+            for _ in range(count):
+                if kind == "map":
+                    pos = _skip("string", data, pos)
+                pos = _skip(schema["items"] if kind == "array" else schema["values"], data, pos)
+    if isinstance(kind, dict):  # a nested type written as {"type": {...}}
+        return _skip(kind, data, pos)
+    raise _Unscannable(f"no scan for {kind!r}")
+
+
+def count_capped(writer: dict[str, Any], data: bytes, pos: int, field_name: str, cap: int) -> int | None:
+    """How many items the top-level array field `field_name` holds, read from its block counts without decoding an
+    item past `cap`; raises TooManyResultsError past `cap`. None when the writer schema has no such field or the
+    body cannot be walked (the full decode then reports it)."""
+    try:
+        for field in writer["fields"]:
+            if field["name"] != field_name:
+                pos = _skip(field["type"], data, pos)
+                continue
+            array = field["type"]
+            if not (isinstance(array, dict) and array.get("type") == "array"):
+                return None
+            total = 0
+            while True:
+                count, pos = _read_long(data, pos)
+                if count == 0:
+                    return total
+                size = None
+                if count < 0:
+                    count = -count
+                    size, pos = _read_long(data, pos)
+                total += count
+                if total > cap:
+                    raise TooManyResultsError(f"{field_name} holds more than {cap} items (MAX_EVENT_RESULTS): a block of {count} "
+                                              f"after {total - count}")
+                if size is not None:
+                    pos += size
+                else:
+                    for _ in range(count):  # at most `cap` items are walked in all
+                        pos = _skip(array["items"], data, pos)
+        return None
+    except _Unscannable:
+        return None
 
 
 def spec_fingerprint(parsed_schema: dict[str, Any]) -> bytes:
@@ -92,10 +204,12 @@ class SchemaStore:
 
 
 class AvroCodec:
-    """Encode with the newest version of a record; decode any known version into the newest one."""
+    """Encode with the newest version of a record; decode any known version into the newest one. An event with more
+    than `max_results` search results is refused from its block counts, before its results are decoded."""
 
-    def __init__(self, store: SchemaStore | None = None) -> None:
+    def __init__(self, store: SchemaStore | None = None, *, max_results: int = DEFAULT_MAX_RESULTS) -> None:
         self.store = store or SchemaStore()
+        self.max_results = max_results
 
     def encode(self, record: dict[str, Any], schema_name: str, topic: str = "", version: int | None = None) -> bytes:
         schema = self.store.latest(schema_name) if version is None else self._version(schema_name, version)
@@ -115,6 +229,8 @@ class AvroCodec:
             )
         if writer.name != schema_name:
             raise UnknownSchemaError(f"record was written as {writer.name}, expected {schema_name}")
+        if schema_name in _CAPPED_ARRAYS:
+            count_capped(writer.parsed, payload, HEADER_LENGTH, _CAPPED_ARRAYS[schema_name], self.max_results)
         reader = self.store.latest(schema_name)
         body = io.BytesIO(payload)
         body.seek(HEADER_LENGTH)
@@ -141,10 +257,12 @@ class RegistryCodec:
     AvroSerializer/AvroDeserializer; used when SCHEMA_REGISTRY_URL is set. Subjects follow the default
     TopicNameStrategy (`<topic>-value`); the newest local version of each record is the one registered and read."""
 
-    def __init__(self, url: str, store: SchemaStore | None = None, client: Any = None) -> None:
+    def __init__(self, url: str, store: SchemaStore | None = None, client: Any = None, *, max_results: int = DEFAULT_MAX_RESULTS) -> None:
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
         self.store = store or SchemaStore()
+        self.max_results = max_results
+        self._writers: dict[int, dict[str, Any]] = {}  # schema id → parsed writer schema, for the result cap's scan
         self.url = url
         self.client = client or SchemaRegistryClient.new_client({"url": url})  # mock:// URLs give the mock registry
         self._serializers: dict[str, Any] = {}
@@ -186,6 +304,8 @@ class RegistryCodec:
             # Reader schema = newest local version: the registry's writer schema is resolved to it.
             self._deserializers[schema_name] = AvroDeserializer(self.client, self._schema_text(schema_name))
         try:
+            if schema_name in _CAPPED_ARRAYS:
+                count_capped(self._writer(int.from_bytes(payload[1:5], "big")), payload, 5, _CAPPED_ARRAYS[schema_name], self.max_results)
             return dict(self._deserializers[schema_name](payload, SerializationContext(topic, MessageField.VALUE)))
         except SchemaRegistryError as exc:
             if exc.http_status_code == 404:
@@ -202,6 +322,18 @@ class RegistryCodec:
             raise CorruptBodyError(f"a string field is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
         except (EOFError, ValueError, IndexError, TypeError, OverflowError) as exc:
             raise CorruptBodyError(f"Avro body does not match its registered schema: {type(exc).__name__}: {exc}") from None
+
+
+    def _writer(self, schema_id: int) -> dict[str, Any]:
+        """The registered writer schema (the client caches it: the deserializer asks for the same one next); an empty
+        record, which the scan passes over, when it is not one this worker can parse (the deserializer says why)."""
+        if schema_id not in self._writers:
+            text = self.client.get_schema(schema_id).schema_str
+            try:
+                self._writers[schema_id] = parse_schema(json.loads(text), named_schemas={})
+            except Exception:  # noqa: BLE001 - the deserializer reports an unusable schema in its own words
+                self._writers[schema_id] = {"fields": []}
+        return self._writers[schema_id]
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -223,5 +355,7 @@ def _safe_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))) if parts.hostname else url
 
 
-def make_codec(schema_registry_url: str | None) -> "AvroCodec | RegistryCodec":
-    return RegistryCodec(schema_registry_url) if schema_registry_url else AvroCodec()
+def make_codec(schema_registry_url: str | None, *, max_results: int = DEFAULT_MAX_RESULTS) -> "AvroCodec | RegistryCodec":
+    if schema_registry_url:
+        return RegistryCodec(schema_registry_url, max_results=max_results)
+    return AvroCodec(max_results=max_results)

@@ -89,7 +89,7 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.engine = engine
-        self.codec = codec or make_codec(settings.schema_registry_url)
+        self.codec = codec or make_codec(settings.schema_registry_url, max_results=settings.max_event_results)
         self.metrics = metrics or Metrics()
         self.limits: BatchLimits = resolve_batch_limits(settings, engine.capacity())
         self.prompts = PromptBuilder(engine.tokenizer, settings.max_model_len, settings.sampling_max_tokens, settings.summary_language)

@@ -74,6 +74,10 @@ class Settings(BaseSettings):
         "StatefulSet pod name, say. Two workers with the same suffix fence each other.",
     )
     max_event_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger input records go to the DLQ undecoded")
+    max_event_results: int = Field(
+        1_000, ge=1, description="events with more search results go to the DLQ (TooManyResultsError), decided from the "
+        "Avro block counts before any result is decoded; the prompt uses the top 100 ranks",
+    )
     produce_max_attempts: int = Field(3, ge=1, description="times a batch's output is re-sent before the worker stops")
     delivery_timeout_ms: int = Field(120_000, ge=1_000, description="librdkafka message.timeout.ms per attempt")
     broker_unavailable_timeout_s: float = Field(

@@ -11,9 +11,12 @@ from processor.codec import (
     AvroCodec,
     BadMagicError,
     CorruptBodyError,
+    RegistryCodec,
     SchemaStore,
+    TooManyResultsError,
     UnknownSchemaError,
 )
+from processor.errors import RecordTooLargeError
 from tests.helpers import make_event
 
 # --- an independent CRC-64-AVRO, written from the Avro specification ("Schema Fingerprints") ---------------
@@ -188,3 +191,81 @@ def test_invalid_utf8_is_a_corrupt_body():
     index = good.index(b"kafka")
     with pytest.raises(CorruptBodyError, match="UTF-8"):
         codec.decode(good[:index] + b"\xff\xfe" + good[index + 2 :], EVENT_SCHEMA)
+
+
+# ----------------------------------------------------------------------------------- the result cap, while decoding
+def _long(n: int) -> bytes:
+    """An Avro long: zigzag varint."""
+    n, out = (n << 1) ^ (n >> 63), bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    return bytes(out + bytes([n]))
+
+
+def _string(text: str) -> bytes:
+    return _long(len(text.encode())) + text.encode()
+
+
+EMPTY_RESULT = _long(1) + _string("") + _string("") + _string("") + _long(0)  # rank 1, "", "", "", content null
+
+
+def _event_head(codec: AvroCodec) -> bytes:
+    """Header, event_id and query of the newest event version: what precedes the results array."""
+    return codec.store.latest(EVENT_SCHEMA).header + _string("evt-1") + _string("q")
+
+
+def test_an_event_past_the_result_cap_is_refused_and_one_at_the_cap_is_read():
+    codec = AvroCodec(max_results=5)
+    many = make_event(1, results=6)
+    with pytest.raises(TooManyResultsError, match="more than 5"):
+        codec.decode(codec.encode(many, EVENT_SCHEMA), EVENT_SCHEMA)
+    assert len(codec.decode(codec.encode(make_event(1, results=5), EVENT_SCHEMA), EVENT_SCHEMA)["results"]) == 5
+    assert issubclass(TooManyResultsError, RecordTooLargeError), "a record error: dead-lettered, never a crash"
+
+
+def test_the_cap_is_decided_from_the_block_count_without_decoding_the_results():
+    # A block that claims 700,000 results, followed by garbage a full decode would fail on: the cap decides first.
+    payload = _event_head(AvroCodec()) + _long(700_000) + b"\xff" * 64
+    with pytest.raises(TooManyResultsError, match="a block of 700000"):
+        AvroCodec().decode(payload, EVENT_SCHEMA)
+    # Blocks of one result each (a writer may block as it likes): only results up to the cap are walked; what lies
+    # past the cap is garbage that decoding would trip over.
+    blocks = (_long(1) + EMPTY_RESULT) * 11 + b"\xff" * 64
+    with pytest.raises(TooManyResultsError):
+        AvroCodec(max_results=10).decode(_event_head(AvroCodec()) + blocks, EVENT_SCHEMA)
+    # Blocks with their byte size (negative count) are jumped over without walking their items.
+    sized = (_long(-4) + _long(len(EMPTY_RESULT * 4)) + EMPTY_RESULT * 4) * 3 + b"\xff" * 64
+    with pytest.raises(TooManyResultsError, match="a block of 4 after 8"):
+        AvroCodec(max_results=10).decode(_event_head(AvroCodec()) + sized, EVENT_SCHEMA)
+
+
+def test_an_older_event_version_is_capped_too_and_the_cap_leaves_other_records_alone():
+    codec = AvroCodec(max_results=2)
+    old = codec.store.versions(EVENT_SCHEMA)[0]
+    event = make_event(3, results=3)
+    buffer = io.BytesIO()
+    buffer.write(old.header)
+    schemaless_writer(buffer, old.parsed, {k: v for k, v in event.items() if k in {f["name"] for f in old.parsed["fields"]}})
+    with pytest.raises(TooManyResultsError):
+        codec.decode(buffer.getvalue(), EVENT_SCHEMA)
+    summary = summary_record(citations=[{"rank": r, "url": "u", "title": "t"} for r in range(1, 5)])
+    assert len(codec.decode(codec.encode(summary, SUMMARY_SCHEMA), SUMMARY_SCHEMA)["citations"]) == 4
+
+
+def test_a_truncated_body_is_still_a_corrupt_body_not_a_cap_error():
+    with pytest.raises(CorruptBodyError):
+        AvroCodec(max_results=10).decode(_event_head(AvroCodec()) + _long(3) + EMPTY_RESULT, EVENT_SCHEMA)
+
+
+def test_the_registry_codec_applies_the_cap_from_the_registered_writer_schema():
+    import uuid
+
+    codec = RegistryCodec(f"mock://{uuid.uuid4().hex}", max_results=5)
+    framed = codec.encode(make_event(1, results=6), EVENT_SCHEMA, "search-results")
+    with pytest.raises(TooManyResultsError):
+        codec.decode(framed, EVENT_SCHEMA, "search-results")
+    garbage_tail = framed[:5] + _string("evt-1") + _string("q") + _long(700_000) + b"\xff" * 64
+    with pytest.raises(TooManyResultsError):
+        codec.decode(garbage_tail, EVENT_SCHEMA, "search-results")
+    assert codec.decode(codec.encode(make_event(1, results=5), EVENT_SCHEMA, "search-results"), EVENT_SCHEMA, "search-results")
