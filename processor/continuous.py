@@ -17,13 +17,17 @@ long-lived because CUDA libraries keep per-thread state (handles, workspaces): a
 measured 3-4x slower on an H100. It does not spin: with nothing in flight and nothing admissible it blocks on a
 condition variable until a submit, abort, exclusive call or close wakes it.
 
+Deadline: every engine call the feed makes is timed (`stalled_for()`), so the caller can tell a hung engine (a
+step() that never returns) from a busy one and give up on it; a hung call cannot be interrupted, only abandoned.
+
 Failure: when step() or add_request() raises (not an EventGenerationError, which is one request's outcome), the
 feed records `failure`, aborts what the engine still holds (best effort), moves every submitted-unfinished id
 (in flight and queued) to `failed_ids()`, and stops admitting and stepping. The caller either probes the engine
 with run_exclusive() (success clears the failure and the failed ids; queued work submitted since then runs) or
 calls reset() (clears everything, work submitted after the failure included) and decides what becomes of what it
-had submitted: the ContinuousScheduler holds everything unfinished and bisects it through run_exclusive and the
-engine's generate().
+had submitted: the ContinuousScheduler holds everything unfinished and bisects it through start_exclusive() and the
+engine's generate(). start_exclusive() is run_exclusive() without the wait — the polling thread must never wait
+on the engine — and a call of it that raises fails the feed like step() would.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterable, TypeVar
 
-from processor.engines.base import EventGenerationError, Finished, InFlightBudget, Prompt, StreamingEngine
+from processor.engines.base import CallClock, EventGenerationError, Finished, InFlightBudget, Prompt, StreamingEngine, TimedEngine
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +52,12 @@ LOOKAHEAD_SHARE = 0.25
 
 
 @dataclass
-class _Exclusive(Generic[T]):
+class Exclusive(Generic[T]):
+    """One call run on the feed's thread with the engine to itself; `done` is set once `result` or `error` is."""
+
     fn: Callable[[StreamingEngine], T]
     wait_idle: bool  # run_exclusive: wait until nothing is in flight; reset: run at once
+    settles: bool = False  # start_exclusive: success clears a recorded failure, an exception fails the feed
     started: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
@@ -68,6 +75,8 @@ class ContinuousFeed:
         refill_min: int = 1,
     ) -> None:
         self.engine = engine
+        self.clock = CallClock()
+        self._engine: StreamingEngine = TimedEngine(engine, self.clock)  # type: ignore[assignment] - every call the feed makes is timed
         self.budget = budget
         self.max_new_tokens = max_new_tokens
         self.max_sequences = budget.max_sequences if budget is not None else max_sequences_default
@@ -85,7 +94,7 @@ class ContinuousFeed:
         self._aborting: set[str] = set()  # in flight, withdrawn by the caller, not yet aborted in the engine
         self._finished: list[Finished] = []
         self._failed: list[str] = []
-        self._exclusive: deque[_Exclusive[Any]] = deque()
+        self._exclusive: deque[Exclusive[Any]] = deque()
         self._closed = False
         self._mean_cost = float(2 * max_new_tokens)  # running estimate of a request's cost, for wanted()
         self.failure: BaseException | None = None
@@ -175,13 +184,30 @@ class ContinuousFeed:
         known-good probe after a failure, bisection with the engine's generate(). If fn returns, a recorded
         failure and its failed ids are cleared (read failed_ids() first); fn's exception is re-raised. A timeout
         (seconds to wait for fn to start and return) raises TimeoutError; fn is withdrawn if it had not started."""
-        job: _Exclusive[T] = _Exclusive(fn, wait_idle=True)
+        job: Exclusive[T] = Exclusive(fn, wait_idle=True)
         self._call(job, timeout)
         with self._cond:
             self.failure = None
             self._failed = []
             self._cond.notify_all()
         return job.result
+
+    def start_exclusive(self, fn: Callable[[StreamingEngine], T]) -> Exclusive[T]:
+        """run_exclusive() without waiting: fn(engine) runs on the feed's thread once nothing is in flight; poll
+        the returned job's `done`, then read `result` or `error`. Before `done` is set, fn's success clears a
+        recorded failure and its failed ids, and fn's exception fails the feed (failure, failed_ids) like a step()
+        that raised, so nothing is admitted after a call that found the engine broken."""
+        job: Exclusive[T] = Exclusive(fn, wait_idle=True, settles=True)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the continuous feed is closed")
+            self._exclusive.append(job)
+            self._cond.notify_all()
+        return job
+
+    def stalled_for(self) -> float:
+        """Seconds the engine call running now (step, add_request, an exclusive call's generate) has not returned."""
+        return self.clock.running_for()
 
     def reset(self) -> None:
         """Start over: abort everything in flight, forget queued work and a recorded failure (the caller
@@ -191,7 +217,7 @@ class ContinuousFeed:
             self._aborting.update(self._in_flight)
             self._cond.notify_all()
         # The engine's abort() runs on the feed's thread (the engine is not thread-safe).
-        self._call(_Exclusive(lambda engine: None, wait_idle=False), None)
+        self._call(Exclusive(lambda engine: None, wait_idle=False), None)
         with self._cond:
             self.failure = None
             self._failed = []
@@ -233,7 +259,7 @@ class ContinuousFeed:
         tokens = prompt.prompt_tokens + self.max_new_tokens
         return -(-tokens // self._block_size) * self._block_size
 
-    def _call(self, job: _Exclusive[Any], timeout: float | None) -> None:
+    def _call(self, job: Exclusive[Any], timeout: float | None) -> None:
         if threading.current_thread() is self._thread:
             raise RuntimeError("run_exclusive/reset called from the feed's own thread")
         with self._cond:
@@ -318,18 +344,25 @@ class ContinuousFeed:
     def _abort_in_engine(self, request_ids: list[str]) -> None:
         had_work = bool(self._in_flight)
         try:
-            self.engine.abort(request_ids)
+            self._engine.abort(request_ids)
         except Exception as exc:  # noqa: BLE001 - a broken engine cannot hold them either; the ids are released
             log.warning("aborting %d requests in the engine failed: %s", len(request_ids), exc)
         self._account(had_work)
 
-    def _run_job(self, job: _Exclusive[Any]) -> None:
+    def _run_job(self, job: Exclusive[Any]) -> None:
         try:
-            job.result = job.fn(self.engine)
+            job.result = job.fn(self._engine)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller of run_exclusive
             job.error = exc
         finally:
             self._account(had_work=True)
+            if job.settles and job.error is None:
+                with self._cond:
+                    self.failure = None
+                    self._failed = []
+                    self._cond.notify_all()
+            elif job.settles:
+                self._fail(job.error)  # type: ignore[arg-type]
             job.done.set()
 
     def _admit(self) -> None:
@@ -345,7 +378,7 @@ class ContinuousFeed:
                 self._in_flight[request_id] = cost
                 self._tokens_in_flight += cost
             try:
-                self.engine.add_request(request_id, prompt)
+                self._engine.add_request(request_id, prompt)
             except EventGenerationError as exc:  # this request's failure (e.g. a prompt over max_model_len)
                 with self._cond:
                     self._release_locked(request_id)
@@ -360,8 +393,8 @@ class ContinuousFeed:
             if not self._in_flight or self.failure is not None:
                 return
         try:
-            finished = self.engine.step() if self.engine.has_unfinished() else []
-            lost = [] if self.engine.has_unfinished() else None
+            finished = self._engine.step() if self._engine.has_unfinished() else []
+            lost = [] if self._engine.has_unfinished() else None
         except Exception as exc:  # noqa: BLE001 - the engine as a whole
             self._account(had_work=True)
             self._fail(exc)

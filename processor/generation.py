@@ -7,9 +7,14 @@
   and reports each request as it finishes, out of order.
 
 Both answer the worker's questions the same way: how many items do you want, take this item, what finished.
-A failure of the engine as a whole is never blamed on the records: the known-good warm-up prompt is the probe
-(isolation.py); while it fails, the work is held and retried with backoff, and EngineUnavailableError ends the
-worker once INFRASTRUCTURE_RETRY_TIMEOUT_S has passed.
+A failure of the engine as a whole is never blamed on the records: the known-good warm-up prompt is the probe, and
+isolation.FailurePolicy is the one place, for both modes, that asks it before a failure becomes a dead letter; while
+the probe fails, the work is held and retried with backoff, and EngineUnavailableError ends the worker once
+INFRASTRUCTURE_RETRY_TIMEOUT_S has passed. Every engine call, probe and retry runs on the engine's own thread; the
+polling thread only hands work over and collects results, so take(), wanted(), add() and wait() never wait on the
+engine for longer than their timeout. An engine call that has not returned after ENGINE_CALL_TIMEOUT_S means a hung
+engine (the probe cannot run behind it): take() raises EngineUnavailableError, and what is in flight is left
+uncommitted for the next owner.
 """
 
 from __future__ import annotations
@@ -22,13 +27,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from processor.batcher import Batch, BatchItem, MicroBatcher, SourceRecord
-from processor.engines.base import Engine, EventGenerationError, Generation, Prompt
-from processor.engines.isolation import Probe, accepted, generate_isolated, probe_with
+from processor.engines.base import CallClock, Engine, EventGenerationError, Generation, Prompt, TimedEngine
+from processor.engines.isolation import PROBE_AFTER_FAILED_IN_A_ROW, FailurePolicy, accepted
 from processor.errors import EngineUnavailableError
 from processor.retry import Backoff
 
 if TYPE_CHECKING:
-    from processor.continuous import ContinuousFeed
+    from processor.continuous import ContinuousFeed, Exclusive
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +60,8 @@ class Scheduler(Protocol):
     def seconds_until_due(self) -> float | None: ...
     def add(self, item: BatchItem) -> None: ...
     def take(self) -> list[Done]:
-        """Finished items with their outcomes; raises EngineUnavailableError once the engine stayed broken too long."""
+        """Finished items with their outcomes; never waits on the engine. Raises EngineUnavailableError once the engine
+        stayed broken longer than the retry timeout, or an engine call is past its deadline (a hung engine)."""
         ...
     def wait(self, timeout: float) -> None: ...
     def drop(self, keep: Callable[[SourceRecord], bool]) -> int: ...
@@ -64,7 +70,20 @@ class Scheduler(Protocol):
     def finish(self, timeout: float) -> list[Done]:
         """Stop taking items; wait up to `timeout` for what is generating; return what finished."""
         ...
+    def stalled_for(self) -> float:
+        """Seconds the engine call running now has not returned (0.0 between calls): /healthz and /readyz ask it."""
+        ...
     def close(self) -> None: ...
+
+
+def _check_deadline(stalled_s: float, call_timeout_s: float | None) -> None:
+    """A hung engine call cannot be probed (the probe would queue behind it) nor interrupted: give up on the engine."""
+    if call_timeout_s is not None and stalled_s > call_timeout_s:
+        log.error("an engine call has not returned for %.0f s (ENGINE_CALL_TIMEOUT_S=%g): the engine is hung", stalled_s, call_timeout_s)
+        raise EngineUnavailableError(
+            f"an engine call has not returned for {stalled_s:.0f} s (ENGINE_CALL_TIMEOUT_S={call_timeout_s:g}); the work in "
+            "flight is not committed and is read again by the next owner"
+        )
 
 
 def _stats(items: list[BatchItem], outcomes: list[Any], seconds: float) -> BatchStats:
@@ -122,11 +141,15 @@ class GenerationThread:
 class MicroBatchScheduler:
     """At most one closed batch waits while another generates: memory stays bounded, the engine never waits."""
 
-    def __init__(self, *, engine: Engine, batcher: MicroBatcher, probe_prompt: Prompt, retry_timeout_s: float) -> None:
+    def __init__(self, *, engine: Engine, batcher: MicroBatcher, probe_prompt: Prompt, retry_timeout_s: float,
+                 call_timeout_s: float | None = None) -> None:
         self.engine = engine
         self.batcher = batcher
         self.thread = GenerationThread(engine)
-        self.probe: Probe = probe_with(engine, probe_prompt)
+        self.policy = FailurePolicy(probe_prompt)
+        self.clock = CallClock()
+        self._timed: Engine = TimedEngine(engine, self.clock)  # type: ignore[assignment] - every batch's calls are timed
+        self.call_timeout_s = call_timeout_s
         self.backoff = Backoff(give_up_after_s=retry_timeout_s)
         self._ready: list[Batch] = []
         self._job: _Job | None = None
@@ -158,7 +181,11 @@ class MicroBatchScheduler:
     def seconds_until_due(self) -> float | None:
         return self.batcher.seconds_until_due()
 
+    def stalled_for(self) -> float:
+        return self.clock.running_for()
+
     def take(self) -> list[Done]:
+        _check_deadline(self.stalled_for(), self.call_timeout_s)
         due = self.batcher.due()
         if due is not None:
             self._ready.append(due)
@@ -197,7 +224,7 @@ class MicroBatchScheduler:
     def _outcomes(self, batch: Batch) -> list[Outcome | BaseException]:
         """One outcome per item: records that failed before the engine ride along in their batch, so a batch's
         dead letters are published and committed with it, in offset order."""
-        results = iter(generate_isolated(self.engine, batch.prompts, self.probe))
+        results = iter(self.policy.generate(self._timed, batch.prompts))
         return [next(results) if item.prompt is not None else item.error for item in batch.items]  # type: ignore[misc]
 
     def _note_idle_start(self) -> None:
@@ -257,15 +284,27 @@ def request_id_of(source: SourceRecord) -> str:
 
 
 class ContinuousScheduler:
-    """Items go one by one into the ContinuousFeed; each comes back as it finishes, in any order."""
+    """Items go one by one into the ContinuousFeed; each comes back as it finishes, in any order.
 
-    def __init__(self, *, feed: "ContinuousFeed", engine: Engine, probe_prompt: Prompt, retry_timeout_s: float) -> None:
+    A failed outcome is not released at once: the failures since the last summary are held as suspects until a
+    summary clears them (the engine works: they are the records' own) or the FailurePolicy has them probed — a run
+    of them, or with nothing left in flight to clear them. A failing probe, like a step() that raises, holds the
+    work for a retry through the engine's generate() (bisection) after the backoff. Probes and retries run on the
+    feed's thread (start_exclusive) and are collected by a later take()."""
+
+    def __init__(self, *, feed: "ContinuousFeed", engine: Engine, probe_prompt: Prompt, retry_timeout_s: float,
+                 call_timeout_s: float | None = None) -> None:
         self.feed = feed
         self.engine = engine
-        self.probe_prompt = probe_prompt
+        self.policy = FailurePolicy(probe_prompt, probe_after=min(feed.capacity, PROBE_AFTER_FAILED_IN_A_ROW))
         self.backoff = Backoff(give_up_after_s=retry_timeout_s)
+        self.call_timeout_s = call_timeout_s
         self._requests: dict[str, _Request] = {}
-        self._held: list[BatchItem] = []  # failed as a whole with the engine: resubmitted once the probe passes
+        self._held: list[BatchItem] = []  # failed as a whole with the engine: regenerated once the backoff is due
+        self._suspects: list[tuple[BatchItem, EventGenerationError]] = []  # failed since the last summary, not released
+        self._job: "Exclusive[list[Outcome]] | None" = None  # a probe or a retry running on the feed's thread
+        self._job_items: list[BatchItem] = []
+        self._job_is_probe = False
         self._done_now: list[Done] = []
         self.last_batches: list[BatchStats] = []
 
@@ -290,7 +329,9 @@ class ContinuousScheduler:
         self.feed.run_exclusive(lambda engine: _warm(engine, prompt, copies))
 
     def wanted(self) -> int:
-        return 0 if (self._held or self.feed.failure is not None) else self.feed.wanted()
+        if self._held or self._job is not None or self.feed.failure is not None:
+            return 0
+        return self.feed.wanted()
 
     def add(self, item: BatchItem) -> None:
         if item.prompt is None:  # failed before the engine: done now (commit order is the checkpoint's business)
@@ -304,27 +345,37 @@ class ContinuousScheduler:
         return len(self._held) + self.feed.queued
 
     def in_flight(self) -> int:
-        return len(self._requests)
+        return len(self._requests) + len(self._suspects) + len(self._job_items)
 
     def seconds_until_due(self) -> float | None:
         return None
 
+    def stalled_for(self) -> float:
+        return self.feed.stalled_for()
+
     def take(self) -> list[Done]:
+        _check_deadline(self.stalled_for(), self.call_timeout_s)
         finished, self._done_now = self._done_now, []
         finished += self._collect()
-        if self.feed.failure is not None:
+        finished += self._settle()
+        # With a probe or retry still on the feed's thread, reset() would wait for it: the failure is handled after.
+        if self.feed.failure is not None and self._job is None:
             failure = self.feed.failure
             self.feed.reset()
             finished += self._collect()  # reported before the failure, after the collect above
             # Everything still unfinished is out of the engine now — in flight at the failure, queued, or submitted
-            # after it (the loop may hand over work before it sees the failure): all of it is held, in order.
-            unfinished = [request.item for request in self._requests.values()]
+            # after it (the loop may hand over work before it sees the failure) — and the failures held as suspects
+            # may be the engine's too: all of it is held, in order, and regenerated after the backoff.
+            unfinished = [item for item, _ in self._suspects] + [request.item for request in self._requests.values()]
+            self._suspects = []
             self._requests.clear()
             self._held += unfinished
-            log.warning("the engine failed with %d request(s) unfinished: %s", len(unfinished), failure)
-            self.backoff.failed()
-        if self._held and self.backoff.due():
-            finished += self._retry_held()
+            log.warning("the engine failed with %d request(s) unfinished: %s", len(self._held), failure)
+            if not self.backoff.failed():
+                raise failure if isinstance(failure, EngineUnavailableError) else EngineUnavailableError(
+                    f"the engine kept failing for {self.backoff.failing_for():.0f} s: {type(failure).__name__}: {failure}")
+            log.error("engine unavailable (retry %d in %.1f s): %s", self.backoff.attempts, self.backoff.next_at - time.monotonic(), failure)
+        self._start_job()
         return finished
 
     def _collect(self) -> list[Done]:
@@ -334,27 +385,58 @@ class ContinuousScheduler:
             if request is None:
                 continue  # aborted meanwhile (revoked)
             outcome = accepted(result.outcome)
-            finished.append((request.item, outcome))
             self.last_batches.append(_stats([request.item], [outcome], time.monotonic() - request.submitted))
+            if isinstance(outcome, EventGenerationError):
+                self._suspects.append((request.item, outcome))  # held until a summary or the probe clears it
+                continue
+            if self._suspects and self._job is None:
+                finished += self._suspects  # a summary after them: the engine works, they are the records' own
+                self._suspects = []
+            finished.append((request.item, outcome))
         return finished
 
-    def _retry_held(self) -> list[Done]:
-        items, self._held = self._held, []
-        prompts = [item.prompt for item in items if item.prompt is not None]
-        probe = probe_with(self.engine, self.probe_prompt)
-        try:
-            outcomes = self.feed.run_exclusive(lambda engine: generate_isolated(engine, prompts, probe))
-        except EngineUnavailableError as exc:
-            self._held = items
-            if not self.backoff.failed():
-                raise
-            log.error("engine unavailable (retry %d in %.1f s): %s", self.backoff.attempts, self.backoff.next_at - time.monotonic(), exc)
+    def _settle(self) -> list[Done]:
+        """The probe or retry that ran on the feed's thread, once it is done."""
+        job = self._job
+        if job is None or not job.done.is_set():
             return []
-        self.backoff.succeeded()
-        return list(zip(items, outcomes))
+        items, self._job, self._job_items = self._job_items, None, []
+        if job.error is None:
+            self.backoff.succeeded()
+            finished = list(zip(items, job.result))
+            if not self._job_is_probe:
+                self.last_batches.append(_stats(items, job.result, 0.0))
+            return finished
+        if isinstance(job.error, EngineUnavailableError):
+            # The feed failed with this error (start_exclusive): take() holds these with the rest and backs off.
+            self._held = items + self._held
+            return []
+        raise job.error
+
+    def _start_job(self) -> None:
+        if self._job is not None or self.feed.failure is not None:
+            return
+        if self._held:
+            if self.backoff.failing and not self.backoff.due():
+                return
+            items, self._held = self._held, []
+            prompts = [item.prompt for item in items if item.prompt is not None]
+            self._start(items, lambda engine: self.policy.generate(engine, prompts), probe=False)
+        elif self._suspects and self.policy.wants_probe(len(self._suspects), more_coming=bool(self._requests)):
+            suspects, self._suspects = self._suspects, []
+            outcomes: list[Outcome] = [outcome for _, outcome in suspects]
+            log.warning("%d request(s) in a row failed; asking the known-good probe whether the engine works", len(suspects))
+            self._start([item for item, _ in suspects], lambda engine: self.policy.confirm(engine, outcomes), probe=True)
+
+    def _start(self, items: list[BatchItem], fn: Callable[[Engine], list[Outcome]], *, probe: bool) -> None:
+        self._job_items, self._job_is_probe = items, probe
+        self._job = self.feed.start_exclusive(fn)
 
     def wait(self, timeout: float) -> None:
-        self.feed.wait(timeout)
+        if self._job is not None:
+            self._job.done.wait(timeout)
+        else:
+            self.feed.wait(timeout)
 
     def drop(self, keep: Callable[[SourceRecord], bool]) -> int:
         gone = [rid for rid, request in self._requests.items() if not keep(request.item.source)]
@@ -362,26 +444,32 @@ class ContinuousScheduler:
             del self._requests[rid]
         if gone:
             self.feed.abort(gone)
-        held = len(self._held)
+        before = len(self._held) + len(self._suspects)
         self._held = [item for item in self._held if keep(item.source)]
-        return len(gone) + held - len(self._held)
+        self._suspects = [(item, outcome) for item, outcome in self._suspects if keep(item.source)]
+        # A probe or retry running now finishes; its revoked items are ignored by the Worker (ownership).
+        return len(gone) + before - len(self._held) - len(self._suspects)
 
     def finish(self, timeout: float) -> list[Done]:
         deadline = time.monotonic() + timeout
         finished: list[Done] = []
         if self._requests:
             log.info("stopping: waiting up to %.0f s for %d request(s) in flight", timeout, len(self._requests))
-        while self._requests and time.monotonic() < deadline and self.feed.failure is None:
-            self.feed.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+        self._held = []  # not retried on the way out: not committed, read again by the next owner
+        while (self._requests or self._suspects or self._job) and time.monotonic() < deadline and self.feed.failure is None:
+            self.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             try:
                 finished += self.take()
             except EngineUnavailableError:
                 break
+            self._held = []
         if self._requests:
             log.warning("stopping: aborted %d request(s); they are not committed and will be processed again", len(self._requests))
             self.feed.abort(list(self._requests))
             self._requests.clear()
+        self._suspects = []
         return finished
 
     def close(self) -> None:
-        self.feed.close()
+        hung = self.call_timeout_s is not None and self.stalled_for() > self.call_timeout_s
+        self.feed.close(timeout=0.0 if hung else 10.0)  # a hung engine thread is abandoned (a daemon)

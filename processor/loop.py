@@ -129,6 +129,7 @@ class Worker:
                                                     min_commit_interval_s=commit_every, on_committed=self._on_committed)
         self.probe_prompt = self._probe_prompt()
         self.scheduler: Scheduler = self._scheduler()
+        self.metrics.watch_engine(self.scheduler.stalled_for, settings.engine_call_timeout_s)  # /healthz, /readyz
 
         self._inbox: deque[Message] = deque()  # consumed, not yet through intake (held while the registry is down)
         self._registry = Backoff(give_up_after_s=settings.infrastructure_retry_timeout_s)
@@ -166,13 +167,15 @@ class Worker:
                 log.warning("CONTINUOUS_MAX_UNCOMMITTED=%d is below the %d requests the engine can hold: it will hold at "
                             "most %d at a time", self.settings.continuous_max_uncommitted, feed.capacity,
                             self.settings.continuous_max_uncommitted)
-            return ContinuousScheduler(feed=feed, engine=self.engine, probe_prompt=probe, retry_timeout_s=timeout)
+            return ContinuousScheduler(feed=feed, engine=self.engine, probe_prompt=probe, retry_timeout_s=timeout,
+                                       call_timeout_s=self.settings.engine_call_timeout_s)
         continuous_only = [name for name, value in (("CONTINUOUS_MAX_UNCOMMITTED", self.settings.continuous_max_uncommitted),
                                                      ("CONTINUOUS_REFILL_MIN", self.settings.continuous_refill_min)) if value is not None]
         if continuous_only:
             log.warning("ignored in micro_batch mode (GENERATION_MODE=continuous settings): %s", ", ".join(continuous_only))
         batcher = MicroBatcher(self.limits.max_records, self.settings.batch_max_wait_ms / 1000, self.limits.max_prompt_tokens)
-        return MicroBatchScheduler(engine=self.engine, batcher=batcher, probe_prompt=probe, retry_timeout_s=timeout)
+        return MicroBatchScheduler(engine=self.engine, batcher=batcher, probe_prompt=probe, retry_timeout_s=timeout,
+                                   call_timeout_s=self.settings.engine_call_timeout_s)
 
     def _probe_prompt(self) -> Prompt:
         from processor.samples import sample_events

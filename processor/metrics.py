@@ -1,5 +1,9 @@
 """Prometheus metrics and the /healthz, /readyz endpoints, on METRICS_PORT.
 
+Health is asked when the probe comes, not reported by the loop: /healthz fails when the loop stopped turning or an
+engine call has not returned for longer than ENGINE_CALL_TIMEOUT_S (a hung engine), /readyz also while partitions
+are held without the engine making progress on them.
+
 Each Worker owns its registry, so several workers (tests, benchmarks) never clash over global collectors.
 """
 
@@ -8,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -48,6 +52,8 @@ class Metrics:
         self._heartbeat = time.monotonic()
         self._engine_loaded = False
         self._assigned = False
+        self._engine_stalled_for: Callable[[], float] = lambda: 0.0
+        self._engine_deadline_s = float("inf")
         self._server: ThreadingHTTPServer | None = None
 
     # ---------------------------------------------------------------------------------- loop callbacks
@@ -56,6 +62,11 @@ class Metrics:
 
     def ready(self, engine_loaded: bool, assigned: bool) -> None:
         self._engine_loaded, self._assigned = engine_loaded, assigned
+
+    def watch_engine(self, stalled_for: Callable[[], float], deadline_s: float) -> None:
+        """How long the engine call running now has not returned (asked at each /healthz, /readyz), and how long is
+        too long (ENGINE_CALL_TIMEOUT_S)."""
+        self._engine_stalled_for, self._engine_deadline_s = stalled_for, deadline_s
 
     def consumed(self, tp: tuple[str, int]) -> None:
         child = self._consumed_children.get(tp[1])
@@ -100,12 +111,17 @@ class Metrics:
 
     # ------------------------------------------------------------------------------------------ HTTP
     @property
+    def engine_stalled(self) -> bool:
+        """An engine call has not returned for longer than its deadline: the engine is hung."""
+        return self._engine_stalled_for() > self._engine_deadline_s
+
+    @property
     def healthy(self) -> bool:
-        return time.monotonic() - self._heartbeat < HEALTHY_WITHIN_S
+        return time.monotonic() - self._heartbeat < HEALTHY_WITHIN_S and not self.engine_stalled
 
     @property
     def is_ready(self) -> bool:
-        return self._engine_loaded and self._assigned
+        return self._engine_loaded and self._assigned and not self.engine_stalled
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         metrics = self
@@ -115,10 +131,11 @@ class Metrics:
                 if self.path.startswith("/metrics"):
                     self._reply(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
                 elif self.path.startswith("/healthz"):
-                    self._reply(200 if metrics.healthy else 503, b"ok\n" if metrics.healthy else b"loop stalled\n")
+                    healthy, stalled = metrics.healthy, metrics.engine_stalled
+                    self._reply(200 if healthy else 503, b"ok\n" if healthy else b"engine stalled\n" if stalled else b"loop stalled\n")
                 elif self.path.startswith("/readyz"):
-                    ready = metrics.is_ready
-                    self._reply(200 if ready else 503, b"ready\n" if ready else b"engine loading or no partitions\n")
+                    ready, stalled = metrics.is_ready, metrics.engine_stalled
+                    self._reply(200 if ready else 503, b"ready\n" if ready else b"engine stalled\n" if stalled else b"engine loading or no partitions\n")
                 else:
                     self._reply(404, b"not found\n")
 

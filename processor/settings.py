@@ -86,6 +86,15 @@ class Settings(BaseSettings):
     infrastructure_retry_timeout_s: float = Field(
         300.0, gt=0, description="how long a broken engine, registry or commit is retried (with backoff) before the worker exits"
     )
+    # The slowest legal call of the reference setup (Qwen2.5-7B-AWQ on an RTX 4070): a whole batch generating the full
+    # SAMPLING_MAX_TOKENS=1,536 tokens at a conservative ~15 tokens/s per sequence under load is 1,536 / 15 ≈ 102 s
+    # (decoding a batch runs its sequences side by side, so the batch takes about as long as its longest sequence);
+    # 300 s leaves about 3× that for prefill, a slower card or a busier GPU.
+    engine_call_timeout_s: float = Field(
+        300.0, gt=0, description="an engine call (generate(), or a continuous step() with requests in flight) that has not "
+        "returned after this long means a hung engine: the worker exits 5 and leaves the work in flight uncommitted. "
+        "Default: 1,536 new tokens at ~15 tokens/s per sequence ≈ 100 s on the reference RTX 4070 + Qwen2.5-7B-AWQ, ~3× margin",
+    )
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="on SIGTERM, how long the in-flight batch may still run before it is abandoned"
     )

@@ -6,8 +6,9 @@ own token ids, so the count the batcher used is exactly what the model sees.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 from processor.errors import RecordError, StartupError
 
@@ -213,3 +214,44 @@ class StreamingEngine(Engine, Protocol):
 
 def supports_streaming(engine: Engine) -> bool:
     return isinstance(engine, StreamingEngine)
+
+
+class CallClock:
+    """When the engine call running now started: a hung call (ENGINE_CALL_TIMEOUT_S) is told from a busy engine
+    by how long one call has not returned, not by how long the work in hand takes in all (a bisection is many
+    calls). Written by the engine's one thread, read by any."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._since: float | None = None
+
+    def running_for(self) -> float:
+        """Seconds the call running now has not returned; 0.0 between calls."""
+        since = self._since
+        return 0.0 if since is None else max(0.0, self._clock() - since)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        outermost = self._since is None  # an engine calling itself (step() → generate()) is one call
+        if outermost:
+            self._since = self._clock()
+        try:
+            return fn(*args)
+        finally:
+            if outermost:
+                self._since = None
+
+
+class TimedEngine:
+    """An engine whose calls are timed on a CallClock; everything else is the engine's own."""
+
+    _TIMED = frozenset({"generate", "add_request", "step", "abort"})
+
+    def __init__(self, engine: Engine, clock: CallClock) -> None:
+        self.engine = engine
+        self.clock = clock
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.engine, name)
+        if name not in self._TIMED:
+            return attribute
+        return lambda *args: self.clock.call(attribute, *args)

@@ -5,9 +5,14 @@ too, the engine (the GPU) is broken — EngineUnavailableError, infrastructure, 
 the batch is bisected: each half is retried on its own; a single prompt that still raises is that event's failure
 (→ DLQ) and every other event of the batch is published. When every event of a batch ends up failed, the probe
 decides again, so a GPU that dies mid-bisection is never mistaken for a batch of poison. A lone poison event in a
-batch of one is dead-lettered (the probe succeeds), so it never stalls its partition. An empty summary is a
-failure too, never a summary. k bad events out of n cost about 2·k·log2(n) extra engine calls, paid only when
-something fails.
+batch of one is dead-lettered (the probe succeeds), so it never stalls its partition — but only after it failed
+twice on its own: a prompt whose call fails alone is retried once more alone before it is blamed, so one transient
+failure on a batch of one costs a retry, not a good event. An empty summary is a failure too, never a summary. k bad
+events out of n cost about 2·k·log2(n) extra engine calls, paid only when something fails.
+
+FailurePolicy is the one place both generation modes ask before a failed outcome becomes a dead letter: micro-
+batches through generate_isolated(), the continuous feed (whose failures arrive request by request) by holding
+failed outcomes until the policy says to probe and then confirming them with the same probe.
 """
 
 from __future__ import annotations
@@ -21,6 +26,13 @@ from processor.errors import EngineUnavailableError
 log = logging.getLogger(__name__)
 
 Probe = Callable[[], None]  # raises when the engine cannot generate a known-good prompt
+Outcome = Generation | EventGenerationError
+
+# Continuous mode: failed outcomes in a row (no summary finished between them) after which the probe is asked. A
+# healthy engine on real data almost never fails this many requests in a row, and an engine that answers every
+# request with nothing gets there within its first window; a shorter run (a lone poison event) waits for a summary
+# to clear it, or is probed once nothing else is left in flight.
+PROBE_AFTER_FAILED_IN_A_ROW = 8
 
 
 class EngineCallError(EventGenerationError):
@@ -51,17 +63,58 @@ def generate_isolated(engine: Engine, prompts: Sequence[Prompt], probe: Probe | 
         if probe is not None:
             probe()  # the engine, not the batch? then stop here: bisecting a dead GPU would dead-letter everything
         log.warning("generate() raised for a batch of %d; bisecting to isolate the failing event(s): %s", len(prompts), exc)
-        outcomes = _bisect(engine, prompts, exc)
+        outcomes = _bisect(engine, prompts)
     else:
         outcomes = _one_outcome_per_prompt(engine, prompts, outputs)
-    if probe is not None and all(isinstance(o, EventGenerationError) for o in outcomes):
+    return confirm_failures(outcomes, probe)
+
+
+def confirm_failures(outcomes: list[Outcome], probe: Probe | None) -> list[Outcome]:
+    """When every outcome failed, the probe decides: it raises EngineUnavailableError (the engine, not the records:
+    nothing becomes a dead letter) or the failures stand as the records' own."""
+    if probe is not None and outcomes and all(isinstance(o, EventGenerationError) for o in outcomes):
         probe()
     return outcomes
 
 
-def _bisect(engine: Engine, prompts: Sequence[Prompt], failure: BaseException) -> list[Generation | EventGenerationError]:
+class FailurePolicy:
+    """Engine broken or records bad: decided here, by the known-good probe, for both generation modes.
+
+    * a batch (micro_batch, or continuous work retried after an engine failure): generate(), which bisects a
+      raising batch and probes when it raised or when every event failed;
+    * outcomes reported one by one (continuous): the scheduler holds failed outcomes while `wants_probe()` says
+      nothing has cleared them yet, then confirm() probes; a failing probe raises EngineUnavailableError and the
+      held work is retried like any engine failure, never dead-lettered.
+    Both run on the engine's own thread (the probe is an engine call)."""
+
+    def __init__(self, probe_prompt: Prompt, *, probe_after: int = PROBE_AFTER_FAILED_IN_A_ROW) -> None:
+        self.probe_prompt = probe_prompt
+        self.probe_after = max(1, probe_after)
+
+    def probe(self, engine: Engine) -> Probe:
+        return probe_with(engine, self.probe_prompt)
+
+    def generate(self, engine: Engine, prompts: Sequence[Prompt]) -> list[Outcome]:
+        return generate_isolated(engine, prompts, self.probe(engine))
+
+    def confirm(self, engine: Engine, outcomes: list[Outcome]) -> list[Outcome]:
+        return confirm_failures(outcomes, self.probe(engine))
+
+    def wants_probe(self, failed_in_a_row: int, more_coming: bool) -> bool:
+        """Whether failures reported one by one must be probed now: a run long enough to suspect the engine, or
+        failures that no summary can clear any more (nothing else in flight)."""
+        return failed_in_a_row >= self.probe_after or (failed_in_a_row > 0 and not more_coming)
+
+
+def _bisect(engine: Engine, prompts: Sequence[Prompt]) -> list[Generation | EventGenerationError]:
     if len(prompts) == 1:
-        return [EngineCallError(f"{type(failure).__name__}: {failure}")]
+        # Failed alone: once more alone before it is blamed (a transient engine error must not cost a good event).
+        try:
+            outputs = engine.generate(prompts)
+        except Exception as exc:  # noqa: BLE001 - the second failure on its own is this event's
+            log.warning("generate() raised twice for one event on its own; it is that event's failure: %s", exc)
+            return [EngineCallError(f"{type(exc).__name__}: {exc}")]
+        return _one_outcome_per_prompt(engine, prompts, outputs)
     middle = len(prompts) // 2
     return _isolate(engine, prompts[:middle]) + _isolate(engine, prompts[middle:])
 
@@ -70,7 +123,8 @@ def _isolate(engine: Engine, prompts: Sequence[Prompt]) -> list[Generation | Eve
     try:
         outputs = engine.generate(prompts)
     except Exception as exc:  # noqa: BLE001
-        return _bisect(engine, prompts, exc)
+        log.debug("generate() raised for %d prompt(s): %s", len(prompts), exc)
+        return _bisect(engine, prompts)
     return _one_outcome_per_prompt(engine, prompts, outputs)
 
 

@@ -452,3 +452,45 @@ def test_refill_min_lets_new_requests_enter_together(feeds):
             refills += 1
             assert left <= 1, (before, finished, after)
     assert refills >= 5 and max(counts) == 4
+
+
+def test_start_exclusive_returns_at_once_and_its_outcome_settles_the_feed(feeds):
+    engine = RecordingEngine(step_delay=0.01)
+    feed = feeds(engine)
+    submit_all(feed, {"slow": sized(10, 20)})  # ~0.2 s of steps before the exclusive call may run
+    started = time.monotonic()
+    job = feed.start_exclusive(lambda e: e.generate([sized(10, 1, "probe")]))
+    assert time.monotonic() - started < 0.05 and not job.done.is_set(), "the caller does not wait for the engine"
+    assert set(collect(feed, 1)) == {"slow"}
+    assert job.done.wait(TIMEOUT) and job.error is None and isinstance(job.result[0], Generation)
+
+    def broken(e):
+        raise RuntimeError("still broken")
+
+    failing = feed.start_exclusive(broken)
+    assert failing.done.wait(TIMEOUT) and isinstance(failing.error, RuntimeError)
+    assert feed.failure is failing.error and feed.wanted() == 0, "a call that found the engine broken fails the feed"
+    feed.submit("after", sized(10, 1))
+    healed = feed.start_exclusive(lambda e: None)
+    assert healed.done.wait(TIMEOUT) and feed.failure is None, "a call that worked clears the failure"
+    assert set(collect(feed, 1)) == {"after"}
+
+
+def test_stalled_for_is_how_long_the_engine_call_running_now_has_not_returned(feeds):
+    gate = threading.Event()
+
+    class Hanging(RecordingEngine):
+        def step(self):
+            gate.wait(TIMEOUT)
+            return super().step()
+
+    feed = feeds(Hanging())
+    assert feed.stalled_for() == 0.0
+    feed.submit("a", sized(10, 1))
+    time.sleep(0.3)
+    try:
+        assert 0.2 < feed.stalled_for() < TIMEOUT, "a step() that has not returned"
+    finally:
+        gate.set()
+    collect(feed, 1)
+    assert feed.stalled_for() == 0.0

@@ -114,3 +114,39 @@ def test_a_poisoned_generate_makes_the_extractive_step_fail_as_a_whole():
     with pytest.raises(RuntimeError, match="CUDA error"):
         while engine.has_unfinished():
             engine.step()
+
+
+class FailsFirstCalls(ExtractiveEngine):
+    """generate() raises for its first `failures` calls that hold event `target` (a transient CUDA error), then works."""
+
+    def __init__(self, target: str, failures: int):
+        super().__init__()
+        self.target, self.failures, self.calls = target, failures, []
+
+    def generate(self, prompts):
+        ids = [p.event.event_id for p in prompts]
+        self.calls.append(ids)
+        if self.target in ids and self.failures > 0:
+            self.failures -= 1
+            raise RuntimeError("CUDA error: unspecified launch failure")
+        return super().generate(prompts)
+
+
+def test_an_event_whose_call_failed_alone_is_retried_once_alone_before_it_is_blamed():
+    events = [sample_events()[0] | {"event_id": "lone"}]
+    engine = FailsFirstCalls("lone", failures=1)
+    probe = prompts_for([sample_events()[1] | {"event_id": "probe"}])[0]
+    from processor.engines.isolation import probe_with
+
+    [outcome] = generate_isolated(engine, prompts_for(events), probe_with(engine, probe))
+    assert isinstance(outcome, Generation), "one transient failure on a batch of one must not dead-letter a good event"
+    assert engine.calls == [["lone"], ["probe"], ["lone"]]
+
+
+def test_an_event_that_fails_alone_twice_is_its_own_failure():
+    events = [e | {"event_id": f"e{i}"} for i, e in enumerate(sample_events())]
+    engine = FailsFirstCalls("e1", failures=10**6)
+    outputs = generate_isolated(engine, prompts_for(events))
+    assert isinstance(outputs[1], EngineCallError)
+    assert [o for i, o in enumerate(outputs) if i != 1] == ExtractiveEngine().generate(prompts_for([e for i, e in enumerate(events) if i != 1]))
+    assert engine.calls.count(["e1"]) == 2, "alone once, then once more alone: no more"

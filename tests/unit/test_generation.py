@@ -189,3 +189,229 @@ def test_work_handed_over_after_an_engine_failure_is_held_with_the_rest_not_lost
         assert scheduler.in_flight() == 0 and scheduler.pending() == 0
     finally:
         scheduler.close()
+
+
+# ------------------------------------------------------------------------- one policy, off the polling thread
+import threading  # noqa: E402
+
+from processor.engines.isolation import PROBE_AFTER_FAILED_IN_A_ROW  # noqa: E402
+
+
+def make_scheduler(mode: str, engine, *, retry_timeout_s: float = 60, call_timeout_s: float | None = None, window: int = 4):
+    probe_prompt = prompts(1)[0]
+    if mode == "continuous":
+        feed = ContinuousFeed(engine, budget=None, max_new_tokens=1536, max_sequences_default=window)
+        scheduler = ContinuousScheduler(feed=feed, engine=engine, probe_prompt=probe_prompt, retry_timeout_s=retry_timeout_s, call_timeout_s=call_timeout_s)
+    else:
+        scheduler = MicroBatchScheduler(engine=engine, batcher=MicroBatcher(window, 0.0, 10**9), probe_prompt=probe_prompt,
+                                        retry_timeout_s=retry_timeout_s, call_timeout_s=call_timeout_s)
+    scheduler.backoff.first_s = 0.02
+    return scheduler
+
+
+class MuteEngine(ExtractiveEngine):
+    """After `healthy_calls` generate() calls, every summary is empty — through generate() and step() alike, the probe's
+    included: the engine is broken although no call raises."""
+
+    def __init__(self, healthy_calls: int = 0) -> None:
+        super().__init__()
+        self.healthy_calls, self.calls = healthy_calls, 0
+
+    def generate(self, prompts):
+        self.calls += 1
+        if self.calls > self.healthy_calls:
+            return [Generation(" ", "length", p.prompt_tokens, 0) for p in prompts]
+        return super().generate(prompts)
+
+
+@pytest.mark.parametrize("mode", ["micro_batch", "continuous"])
+def test_an_engine_that_answers_every_request_with_nothing_is_held_then_exit_never_dead_lettered(mode):
+    scheduler = make_scheduler(mode, MuteEngine(), retry_timeout_s=0.3)
+    try:
+        for offset, prompt in enumerate(prompts(8)):
+            scheduler.add(item(offset, prompt))
+        released: list = []
+        deadline = time.monotonic() + 10
+        with pytest.raises(EngineUnavailableError):
+            while time.monotonic() < deadline:
+                released += scheduler.take()
+                scheduler.wait(0.01)
+        assert released == [], "the probe fails too: nothing may become a dead letter"
+    finally:
+        scheduler.close()
+
+
+class SilentFor(ExtractiveEngine):
+    """Empty summaries for the listed event ids (bad records); every other prompt, the probe's included, works."""
+
+    def __init__(self, silent: set[str]) -> None:
+        super().__init__()
+        self.silent, self.calls = silent, []
+
+    def generate(self, prompts):
+        self.calls.append([p.event.event_id for p in prompts])
+        return [Generation("", "stop", p.prompt_tokens, 0) if p.event.event_id in self.silent else out
+                for p, out in zip(prompts, super().generate(prompts))]
+
+
+def test_continuous_releases_failed_requests_once_a_summary_or_the_probe_clears_them():
+    engine = SilentFor({"e1", "e2"})
+    scheduler = make_scheduler("continuous", engine, window=16)
+    try:
+        for offset, prompt in enumerate(prompts(5)[1:]):
+            scheduler.add(item(offset, prompt))
+        done: list = []
+        deadline = time.monotonic() + 10
+        while len(done) < 4 and time.monotonic() < deadline:
+            done += scheduler.take()
+            scheduler.wait(0.01)
+        outcomes = {i.source.offset: o for i, o in done}
+        assert sorted(outcomes) == [0, 1, 2, 3]
+        assert isinstance(outcomes[0], EmptySummaryError) and isinstance(outcomes[1], EmptySummaryError)
+        assert isinstance(outcomes[2], Generation) and isinstance(outcomes[3], Generation)
+        assert engine.calls.count(["e0"]) <= 1, "at most one probe for two failures"
+    finally:
+        scheduler.close()
+
+
+def test_continuous_probes_a_run_of_failures_before_they_become_dead_letters():
+    n = PROBE_AFTER_FAILED_IN_A_ROW
+    engine = SilentFor({f"e{i}" for i in range(1, n + 1)})  # bad records, healthy engine: the probe (e0) passes
+    scheduler = make_scheduler("continuous", engine, window=64)
+    assert scheduler.policy.probe_after == n
+    try:
+        batch = prompts(n + 1)[1:]
+        for offset, prompt in enumerate(batch):
+            scheduler.add(item(offset, prompt))
+        done: list = []
+        deadline = time.monotonic() + 10
+        while len(done) < n and time.monotonic() < deadline:
+            done += scheduler.take()
+            scheduler.wait(0.01)
+        assert len(done) == n and all(isinstance(o, EmptySummaryError) for _, o in done)
+        assert engine.calls.count(["e0"]) == 1, "the known-good probe was asked, once, before they became dead letters"
+    finally:
+        scheduler.close()
+
+
+class StepFailsOnceThenSlowGenerate(ExtractiveEngine):
+    """The first step() raises (the engine fails as a whole); then every generate() — the retry's, the probe's —
+    blocks until `gate` is set: a retry that takes seconds on a real GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.failed = False
+        self.threads: set[int] = set()
+        self.warm = False
+
+    def generate(self, prompts):
+        self.threads.add(threading.get_ident())
+        if self.warm and self.failed:
+            self.entered.set()
+            assert self.gate.wait(10)
+        return super().generate(prompts)
+
+    def step(self):
+        if not self.failed:
+            self.failed = True
+            self._in_flight.clear()
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return super().step()
+
+
+class BatchFailsThenSlowProbe(ExtractiveEngine):
+    """The first real batch raises; every generate() after it (probe, bisection) blocks until `gate` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.failed = False
+        self.threads: set[int] = set()
+        self.warm = False
+
+    def generate(self, prompts):
+        self.threads.add(threading.get_ident())
+        if self.warm and not self.failed:
+            self.failed = True
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if self.warm:
+            self.entered.set()
+            assert self.gate.wait(10)
+        return super().generate(prompts)
+
+
+@pytest.mark.parametrize("mode", ["micro_batch", "continuous"])
+def test_the_probe_and_the_retry_run_on_the_engines_thread_and_take_never_waits_for_them(mode):
+    engine = StepFailsOnceThenSlowGenerate() if mode == "continuous" else BatchFailsThenSlowProbe()
+    scheduler = make_scheduler(mode, engine)
+    try:
+        scheduler.warm_up(prompts(1)[0])
+        engine.warm = True
+        for offset, prompt in enumerate(prompts(4)):
+            scheduler.add(item(offset, prompt))
+        done: list = []
+        slowest = 0.0
+        deadline = time.monotonic() + 10
+        while not engine.entered.is_set() and time.monotonic() < deadline:
+            started = time.monotonic()
+            done += scheduler.take()
+            slowest = max(slowest, time.monotonic() - started)
+            scheduler.wait(0.01)
+        assert engine.entered.is_set(), "the retry/probe started"
+        for _ in range(20):  # the retry is blocked in the engine: the polling thread goes on, without waiting for it
+            started = time.monotonic()
+            done += scheduler.take()
+            assert scheduler.wanted() == (0 if mode == "continuous" else 4), "continuous: nothing new while work is held"
+            scheduler.wait(0.01)
+            slowest = max(slowest, time.monotonic() - started)
+        assert slowest < 0.2, f"take()/wait() waited {slowest:.2f} s for the engine"
+        assert done == []
+        engine.gate.set()
+        while len(done) < 4 and time.monotonic() < deadline:
+            done += scheduler.take()
+            scheduler.wait(0.01)
+        assert sorted(i.source.offset for i, _ in done) == [0, 1, 2, 3]
+        assert all(isinstance(o, Generation) for _, o in done), done
+        assert threading.get_ident() not in engine.threads, "no engine call on the polling thread"
+    finally:
+        engine.gate.set()
+        scheduler.close()
+
+
+class HangingEngine(ExtractiveEngine):
+    """After the warm-up, generate() (and so step()) blocks until `gate` is set: a hung GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.warm = False
+
+    def generate(self, prompts):
+        if self.warm:
+            self.gate.wait(10)
+        return super().generate(prompts)
+
+
+@pytest.mark.parametrize("mode", ["micro_batch", "continuous"])
+def test_an_engine_call_past_its_deadline_ends_generation_with_engine_unavailable(mode):
+    engine = HangingEngine()
+    scheduler = make_scheduler(mode, engine, call_timeout_s=0.3)
+    try:
+        scheduler.warm_up(prompts(1)[0])
+        engine.warm = True
+        assert scheduler.stalled_for() == 0.0
+        for offset, prompt in enumerate(prompts(2)):
+            scheduler.add(item(offset, prompt))
+        started = time.monotonic()
+        with pytest.raises(EngineUnavailableError, match="ENGINE_CALL_TIMEOUT_S"):
+            while time.monotonic() - started < 5:
+                assert scheduler.take() == []
+                scheduler.wait(0.01)
+        assert 0.3 < time.monotonic() - started < 2.0
+        assert scheduler.stalled_for() > 0.3
+    finally:
+        engine.gate.set()
+        scheduler.close()
