@@ -368,3 +368,57 @@ def test_continuous_at_the_uncommitted_bound_commits_without_waiting_out_the_com
     assert worker.records_committed == 13
     assert len(commits_while_slow) >= 3 and all(("in", 1) not in c for c in commits_while_slow), \
         "each time reading stopped at the bound a commit made room, while the slow request was still generating"
+
+
+# ------------------------------------------------------------------------ rebalance callbacks inside consume()
+def committed_offsets_in_order(consumer: FakeGroupConsumer) -> list[dict]:
+    return consumer.commits + consumer.transactional_commits
+
+
+def visible_summaries(producer: FakeProducer) -> list[str]:
+    return [CODEC.decode(p.value, "ai_worker.SearchSummary")["event_id"] for p in producer.visible() if p.topic == "out"]
+
+
+GUARANTEES = {"at_least_once": {}, "exactly_once": {"processing_guarantee": "exactly_once", "transactional_id_suffix": "w0"}}
+
+
+@pytest.mark.parametrize("guarantee", sorted(GUARANTEES))
+@pytest.mark.parametrize("rebalance", ["cooperative_revoke", "eager_reassign", "lost_reassign"])
+def test_a_rebalance_served_inside_consume_loses_nothing_and_processes_nothing_twice(rebalance, guarantee):
+    """librdkafka runs on_revoke/on_lost/on_assign inside consume(), and that call still returns what it fetched:
+    messages of the partitions kept must reach the inbox the loop reads (not one a callback replaced), and messages
+    of a partition revoked and re-assigned in the call were fetched under the old assignment: the new one starts
+    again at the committed offset, so they must not be processed as well (they would be, twice, and the partition's
+    track would run out of offset order)."""
+    consumer, producer = FakeGroupConsumer("in", partitions=2), FakeProducer()
+    feed(consumer, 20, partitions=2)
+    cooperative = rebalance == "cooperative_revoke"
+    overrides = {"partition.assignment.strategy": "cooperative-sticky"} if cooperative else {}
+    worker = Worker(settings(**GUARANTEES[guarantee]), ExtractiveEngine(), consumer=consumer, producer=producer,
+                    consumer_overrides=overrides)
+    fetches: list[int] = []
+
+    def rebalance_inside(c: FakeGroupConsumer, fetched: list) -> None:
+        if fetched:
+            fetches.append(len(fetched))
+        if len(fetches) != 2 or not any(m.partition() == 0 for m in fetched):
+            return
+        fetches.append(-1)  # once
+        if cooperative:
+            c.revoke([1])  # partition 0's messages in this call stay this worker's
+            c.group_assign([1])  # and partition 1 comes back (incrementally) at its committed offset
+        elif rebalance == "eager_reassign":
+            c.revoke([0, 1])
+            c.group_assign([0, 1])
+        else:
+            c.lose([0, 1])
+            c.group_assign([0, 1])
+
+    consumer.during_consume = rebalance_inside
+    outputs = visible_summaries if guarantee == "exactly_once" else summaries
+    assert run(worker, lambda: worker.records_committed >= 20 and len(outputs(producer)) >= 20, timeout_s=10) == 0
+    assert -1 in fetches, "the rebalance ran inside a consume() that returned messages"
+    assert sorted(outputs(producer)) == [f"evt-{n:06d}" for n in range(20)], "every event once: none lost, none twice"
+    for partition in (0, 1):
+        offsets = [c[("in", partition)] for c in committed_offsets_in_order(consumer) if ("in", partition) in c]
+        assert offsets == sorted(offsets) and offsets[-1] == 10, f"partition {partition} commits forward, to its end"
