@@ -422,3 +422,24 @@ def test_a_rebalance_served_inside_consume_loses_nothing_and_processes_nothing_t
     for partition in (0, 1):
         offsets = [c[("in", partition)] for c in committed_offsets_in_order(consumer) if ("in", partition) in c]
         assert offsets == sorted(offsets) and offsets[-1] == 10, f"partition {partition} commits forward, to its end"
+
+
+@pytest.mark.parametrize("guarantee", sorted(GUARANTEES))
+def test_sigterm_while_a_batch_is_inside_generate_lets_it_finish_then_publishes_and_commits_it(guarantee):
+    consumer, producer, engine = FakeGroupConsumer("in"), FakeProducer(), GatedEngine()
+    feed(consumer, 2)
+    worker = Worker(settings(**GUARANTEES[guarantee]), engine, consumer=consumer, producer=producer)
+
+    def sigterm_while_generating() -> None:
+        assert engine.started.wait(10)
+        worker.request_stop()  # what the SIGTERM handler does, from another thread, mid-generate()
+        time.sleep(0.3)
+        engine.gate.set()
+
+    signal = threading.Thread(target=sigterm_while_generating, daemon=True)
+    signal.start()
+    assert run(worker, lambda: False, timeout_s=15) == 0
+    signal.join(5)
+    outputs = visible_summaries if guarantee == "exactly_once" else summaries
+    assert sorted(outputs(producer)) == ["evt-000000", "evt-000001"], "the batch in generate() finished and was published"
+    assert worker.records_committed == 2 and consumer.committed_offsets == {0: 2}, "... and committed before run() returned"
