@@ -209,10 +209,13 @@ class FakeConsumer:
         self.paused: set[tuple[str, int]] = set()
         self.queue: list[FakeMessage] = []
         self.on_commit: Callable[[], None] | None = None
+        self.before_commit: Callable[[dict[tuple[str, int], int]], None] | None = None  # sees the offsets
 
     def commit(self, offsets: list[TopicPartition] | None = None, asynchronous: bool = True) -> None:
         if self.on_commit:
             self.on_commit()
+        if self.before_commit:
+            self.before_commit({(tp.topic, tp.partition): tp.offset for tp in offsets or []})
         if self.commit_failures:
             raise KafkaException(self.commit_failures.pop(0))
         self.commits.append({(tp.topic, tp.partition): tp.offset for tp in offsets or []})
@@ -265,6 +268,10 @@ class FakeGroupConsumer(FakeConsumer):
         message = FakeMessage(self.topic, partition, offset, key, value, headers)
         self._log.append(message)
         return message
+
+    def messages(self, partition: int) -> list[FakeMessage]:
+        """Every message of the partition ever added, in offset order."""
+        return [m for m in self._log if m.partition() == partition]
 
     def end_offset(self, partition: int) -> int:
         return sum(1 for m in self._log if m.partition() == partition)
