@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Protocol
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from processor.batcher import SourceRecord
-from processor.errors import CommitFailedError, TransactionFatalError
+from processor.errors import CommitFailedError, OutputUnavailableError, TransactionFatalError
 from processor.records import OutgoingRecord
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,11 @@ class OffsetTracker:
             partition.committed = end
         return count
 
+    def first_offsets(self) -> dict[TP, int]:
+        """Per owned partition, the first offset read and not yet committed (where a rewind must start)."""
+        return {tp: next(iter(p.entries)) for tp, p in self._partitions.items()
+                if p.entries and self.ownership.epoch(tp) == p.epoch}
+
     def drop(self, tps: Iterable[TP]) -> None:
         for tp in tps:
             self._partitions.pop(tp, None)
@@ -278,38 +283,53 @@ class AtLeastOnceCheckpoint:
 
 class TransactionalCheckpoint:
     """Exactly-once: each commit is one producer transaction holding the outputs of a contiguous prefix of input
-    records and the consumer offsets after it. librdkafka's errors are classified: retriable → retry the commit;
-    abortable → abort, and the worker rewinds to the committed offsets; fatal (fenced) → exit."""
+    records and the consumer offsets after it. librdkafka's errors are handled as rd_kafka_commit_transaction()
+    documents them (and confluent-kafka's transactional examples do):
 
-    def __init__(self, *, producer: Any, consumer: Any, sink: Any, ownership: Ownership, flush_timeout_s: float,
-                 keep_alive: Callable[[], None], on_committed: Callable[[dict[TP, int], int], None] | None = None,
-                 min_commit_interval_s: float = 0.0) -> None:
+      * retriable from commit_transaction() (a timeout): the commit goes on in the background; the next commit()
+        calls commit_transaction() again, alone: the transaction's offsets are already in it, and librdkafka refuses
+        send_offsets_to_transaction() while a commit is in progress;
+      * txn_requires_abort() (a failed delivery, a revoke meanwhile, any other non-fatal error): abort_transaction(),
+        and the worker rewinds to the committed offsets and processes the records again. An abort for outputs that
+        were not delivered counts as one delivery attempt of those records: after `max_attempts` of them in a row,
+        OutputUnavailableError (exit 4). A retriable abort_transaction() failure is retried the same way, alone;
+      * fatal() (fenced by another worker with the same transactional.id): TransactionFatalError (exit 7).
+
+    Each attempt delivers through a fresh sink from `new_sink`: a sink whose transaction was aborted keeps its
+    latched error and its late delivery reports to itself."""
+
+    def __init__(self, *, producer: Any, consumer: Any, new_sink: Callable[[], Any], ownership: Ownership, flush_timeout_s: float,
+                 keep_alive: Callable[[], None], max_attempts: int = 1,
+                 on_committed: Callable[[dict[TP, int], int], None] | None = None, min_commit_interval_s: float = 0.0) -> None:
         self.producer = producer
         self.consumer = consumer
-        self.sink = sink
+        self.new_sink = new_sink
         self.ownership = ownership
         self.tracker = OffsetTracker(ownership)
         self.flush_timeout_s = flush_timeout_s
         self.keep_alive = keep_alive
+        self.max_attempts = max_attempts
         self.on_committed = on_committed
         self.min_commit_interval_s = min_commit_interval_s
         self.committed_offsets: dict[TP, int] = {}
         self.records_committed = 0
         self.holding = False
         self.needs_rewind = False  # an aborted transaction: the worker must re-read from the committed offsets
+        self.failed_deliveries = 0  # aborted attempts in a row whose outputs were not delivered
         self._last_commit = 0.0
-        self._revoked_during_transaction = False
-        self._in_transaction = False
-        self._pending: tuple[list[OutgoingRecord], dict[TP, int]] | None = None
+        self._committing: tuple[list[OutgoingRecord], dict[TP, int]] | None = None  # commit_transaction() to resume
+        self._aborting = False  # abort_transaction() to resume
 
     def release(self) -> list[OutgoingRecord]:
         return []  # outputs go out inside commit()'s transaction
 
     def commit(self, force: bool = False) -> None:
-        if self._pending is not None:  # a transaction whose commit failed retriably: finish that one first
-            records, offsets = self._pending
+        if self._aborting:  # abort_transaction() timed out: call it again, alone, before anything else
+            self._abort_open("a previous abort_transaction() did not complete")
+        if self._committing is not None:  # commit_transaction() timed out: call it again, alone
+            records, offsets = self._committing
             try:
-                self._commit_open(offsets)
+                self.producer.commit_transaction(60)
             except KafkaException as exc:
                 self._fail(exc.args[0])
             self._done(records, offsets)
@@ -319,33 +339,29 @@ class TransactionalCheckpoint:
         offsets = {tp: o for tp, o in self.tracker.committable(upto=State.FINISHED).items() if o != self.committed_offsets.get(tp)}
         if not offsets:
             return
+        # The epochs the offsets were read under: a callback served by the keep-alive polls inside the flush may
+        # revoke, lose or re-assign a partition, and then this transaction must not commit its offsets.
+        epochs = {tp: self.ownership.epoch(tp) for tp in offsets}
         records = self.tracker.releasable(in_offset_order=True)
-        self._revoked_during_transaction = False
+        sink = self.new_sink()
         try:
-            self._in_transaction = True
             self.producer.begin_transaction()
-            self._pending = (records, offsets)
-            self.sink.add(records)
-            if not self.sink.flush(self.flush_timeout_s, keep_alive=self.keep_alive):
-                raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "transactional outputs not acknowledged in time", txn_requires_abort=True))
-            self.sink.raise_for_error()
-            self._commit_open(offsets)
+            sink.add(records)
+            if not sink.flush(self.flush_timeout_s, keep_alive=self.keep_alive):
+                self._abort(f"outputs not delivered: {_sink_error(sink)}", delivery=True)
+            if any(self.ownership.epoch(tp) != epoch for tp, epoch in epochs.items()):
+                self._abort("partitions revoked or lost during the transaction")
+            self.producer.send_offsets_to_transaction(_to_topic_partitions(offsets), self.consumer.consumer_group_metadata(), 30)
+            self._committing = (records, offsets)
+            self.producer.commit_transaction(60)
         except KafkaException as exc:
             self._fail(exc.args[0])
-        finally:
-            self._in_transaction = False
         self._done(records, offsets)
 
-    def _commit_open(self, offsets: dict[TP, int]) -> None:
-        if self._revoked_during_transaction:
-            raise KafkaException(KafkaError(KafkaError._STATE, "partitions revoked during the transaction", txn_requires_abort=True))
-        group = self.consumer.consumer_group_metadata()
-        self.producer.send_offsets_to_transaction(_to_topic_partitions(offsets), group, 30)
-        self.producer.commit_transaction(60)
-
     def _done(self, records: list[OutgoingRecord], offsets: dict[TP, int]) -> None:
-        self._pending = None
+        self._committing = None
         self.holding = False
+        self.failed_deliveries = 0
         self._last_commit = time.monotonic()
         for record in records:
             self.tracker.acked(record.source)
@@ -359,18 +375,46 @@ class TransactionalCheckpoint:
         if error.fatal():
             raise TransactionFatalError(f"transactional producer fatal error (fenced by another worker with the same "
                                         f"TRANSACTIONAL_ID_SUFFIX?): {error.str()}") from None
-        if error.txn_requires_abort() or not error.retriable():
-            self._pending = None
-            try:
-                self.producer.abort_transaction(30)
-            except KafkaException as abort_error:
-                if abort_error.args[0].fatal():
-                    raise TransactionFatalError(f"abort failed: {abort_error.args[0].str()}") from None
-            self.needs_rewind = True
-            raise CommitFailedError(f"transaction aborted ({error.str()}); re-reading from the committed offsets") from None
+        if self._committing is not None and error.retriable() and not error.txn_requires_abort():
+            self.holding = True
+            raise CommitFailedError(f"transaction commit failed ({error.str()}); retrying", retriable=True) from None
+        self._abort(error.str())
+
+    def _abort(self, reason: str, delivery: bool = False) -> None:
+        """Abort the open transaction and raise what the worker does next. Its records were released into it, so
+        whatever happens to the abort, the worker must process them again from the committed offsets."""
+        self._committing = None
         self.holding = True
-        raise CommitFailedError(f"transaction commit failed ({error.str()}); retrying", retriable=True) from None
+        self.needs_rewind = True
+        self._aborting = True
+        self._abort_open(reason)
+        if delivery:
+            self.failed_deliveries += 1
+            if self.failed_deliveries >= self.max_attempts:
+                raise OutputUnavailableError(f"transactional outputs not delivered after {self.failed_deliveries} "
+                                             f"attempt(s) ({reason}); nothing of them committed")
+        raise CommitFailedError(f"transaction aborted ({reason}); re-reading from the committed offsets")
+
+    def _abort_open(self, reason: str) -> None:
+        try:
+            self.producer.abort_transaction(30)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.fatal():
+                raise TransactionFatalError(f"abort_transaction() failed: {error.str()}") from None
+            if not error.retriable():  # no transaction open (begin_transaction() itself failed): nothing to resume
+                self._aborting = self.holding = False
+            raise CommitFailedError(f"abort_transaction() failed ({error.str()}) after: {reason}; retrying", retriable=True) from None
+        self._aborting = False
+        self.holding = False  # the rewound records are read again
 
     def before_revoke(self, tps: list[TP]) -> None:
-        if self._in_transaction:
-            self._revoked_during_transaction = True
+        """Nothing to do: an open transaction sees the revoke through the epochs it captured, and aborts."""
+
+
+def _sink_error(sink: Any) -> str:
+    try:
+        sink.raise_for_error()
+    except OutputUnavailableError as exc:
+        return str(exc)
+    return "not acknowledged in time"

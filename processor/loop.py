@@ -29,7 +29,7 @@ from collections import deque
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, KafkaException, Message, TopicPartition
 
 from processor.batcher import BatchItem, MicroBatcher, SourceRecord
 from processor.capacity import BatchLimits, resolve_batch_limits
@@ -37,7 +37,7 @@ from processor.checkpoint import TP, AtLeastOnceCheckpoint, Checkpoint, Ownershi
 from processor.clients import BrokerHealth, consumer_config, is_cooperative, make_consumer, make_producer, max_record_bytes, producer_config
 from processor.codec import SUMMARY_SCHEMA, make_codec
 from processor.engines.base import Engine, EngineStartupError, Prompt, supports_streaming
-from processor.errors import EXIT_OK, CommitFailedError, InfrastructureError, RegistryUnavailableError
+from processor.errors import EXIT_OK, BrokerUnavailableError, CommitFailedError, InfrastructureError, RegistryUnavailableError
 from processor.events import validate_event
 from processor.generation import ContinuousScheduler, Done, MicroBatchScheduler, Scheduler
 from processor.intake import Intake, source_of
@@ -119,9 +119,13 @@ class Worker:
         commit_every = CONTINUOUS_COMMIT_EVERY_S if self.continuous else 0.0
         self.checkpoint: Checkpoint
         if self.transactional:
+            # Inside a transaction a failed delivery dooms the whole transaction (librdkafka makes it abortable):
+            # no re-send in it; the checkpoint aborts, the worker rewinds, and the batch is the unit of attempts.
             self.checkpoint = TransactionalCheckpoint(
-                producer=self.producer, consumer=self.consumer, sink=self.sink, ownership=self.ownership,
+                producer=self.producer, consumer=self.consumer, ownership=self.ownership,
+                new_sink=lambda: Sink(producer=self.producer, max_attempts=1, on_acknowledged=self._on_acknowledged),
                 flush_timeout_s=settings.delivery_timeout_ms / 1000 * settings.produce_max_attempts,
+                max_attempts=settings.produce_max_attempts,
                 keep_alive=self._keep_alive, on_committed=self._on_committed, min_commit_interval_s=commit_every,
             )
         else:
@@ -299,7 +303,7 @@ class Worker:
             due = self.scheduler.seconds_until_due()
             busy = not self.sink.idle
             timeout = 0.0 if busy else POLL_INTERVAL_S if due is None else min(POLL_INTERVAL_S, due)
-            self._inbox.extend(self.consumer.consume(min(wanted, 1000), timeout))
+            self._fetch(min(wanted, 1000), timeout)
             return
         # Full. For a moment, simply stop taking records. If it lasts (a long generate()), pause every partition
         # and keep polling: paused partitions return nothing, but poll() keeps the group membership alive.
@@ -316,7 +320,35 @@ class Worker:
     def _keep_alive(self) -> None:
         """Poll with every partition paused: group membership stays alive, nothing new is fetched."""
         self._set_paused(True)
-        self._inbox.extend(self.consumer.consume(1, 0))
+        self._fetch(1, 0)
+
+    def _fetch(self, count: int, timeout: float) -> None:
+        """consume() into the inbox. librdkafka serves rebalance callbacks inside consume(), so nothing they replace
+        or re-number may be held across the call: the result goes to a local first, and the inbox is read after.
+        A partition re-assigned inside the call (revoked or lost, then assigned again) may come back with messages
+        fetched under its old assignment: those must not be processed under the new epoch, so they are dropped and
+        the partition is sent back to where its new assignment starts (the committed offset)."""
+        before = {tp: self.ownership.epoch(tp) for tp in self.ownership.partitions}
+        messages = self.consumer.consume(count, timeout)
+        reassigned = {tp for tp, epoch in before.items() if self.ownership.epoch(tp) not in (epoch, None)}
+        if reassigned:
+            refetch = {(m.topic(), m.partition()) for m in messages if m.error() is None} & reassigned
+            messages = [m for m in messages if (m.topic(), m.partition()) not in refetch]
+            self._restart_at_committed(refetch)
+        self._inbox.extend(messages)
+
+    def _restart_at_committed(self, tps: set[TP]) -> None:
+        if not tps:
+            return
+        partitions = [TopicPartition(t, p) for t, p in sorted(tps)]
+        reset = OFFSET_BEGINNING if self.settings.kafka_auto_offset_reset == "earliest" else OFFSET_END
+        try:
+            committed = self.consumer.committed(partitions, timeout=10)
+        except KafkaException as exc:
+            raise BrokerUnavailableError(f"committed offsets of re-assigned {_names(partitions)} unavailable: {exc}") from None
+        for tp in committed:
+            self.consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else reset))
+        log.info("re-assigned during a fetch: %s restarted at the committed offsets", _names(partitions))
 
     def _set_paused(self, paused: bool) -> None:
         if paused == self._paused:
@@ -461,7 +493,10 @@ class Worker:
         self.ownership.revoke(tps)
         self.checkpoint.tracker.drop(tps)
         dropped = self.scheduler.drop(self.ownership.owns)
-        self._inbox = deque(m for m in self._inbox if (m.topic(), m.partition()) not in tps)
+        # In place: this runs inside consume() (a rebalance callback), and the caller's inbox must stay the inbox.
+        kept = [m for m in self._inbox if (m.topic(), m.partition()) not in tps]
+        self._inbox.clear()
+        self._inbox.extend(kept)
         for tp in tps:
             self.metrics.forget(tp)
         if dropped:
@@ -469,14 +504,27 @@ class Worker:
         self.metrics.ready(engine_loaded=True, assigned=bool(self.ownership.partitions))
 
     def _rewind(self) -> None:
-        """After an aborted transaction: forget everything in flight and re-read from the committed offsets."""
+        """After an aborted transaction: forget everything in flight and re-read from the committed offsets, or,
+        where a partition has none yet, from the first record read (the aborted transaction's first offset)."""
         owned = [TopicPartition(t, p) for t, p in self.ownership.partitions]
+        first_read = self.checkpoint.tracker.first_offsets()
+        for message in self._inbox:
+            tp = (message.topic(), message.partition())
+            if message.error() is None and self.ownership.epoch(tp) is not None:
+                first_read[tp] = min(first_read.get(tp, message.offset()), message.offset())
+        try:
+            committed = {(tp.topic, tp.partition): tp.offset for tp in self.consumer.committed(owned, timeout=10)}
+        except KafkaException as exc:  # the first offsets read are where the aborted records start all the same
+            log.warning("committed offsets unavailable for the rewind (%s): rewinding to the first records read", exc)
+            committed = {}
         self._forget(owned)
         self.ownership.assign((tp.topic, tp.partition) for tp in owned)
         self.checkpoint.needs_rewind = False
-        for tp in self.consumer.committed(owned, timeout=10):
-            if tp.offset >= 0:
-                self.consumer.seek(tp)
+        for tp in owned:
+            key = (tp.topic, tp.partition)
+            offset = committed.get(key, -1) if committed.get(key, -1) >= 0 else first_read.get(key)
+            if offset is not None:
+                self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
         log.warning("rewound %s to the committed offsets after an aborted transaction", _names(owned))
 
     def _finish_join(self) -> None:

@@ -7,7 +7,7 @@ from confluent_kafka import KafkaError
 
 from processor.batcher import SourceRecord
 from processor.checkpoint import AtLeastOnceCheckpoint, Ownership, TransactionalCheckpoint
-from processor.errors import CommitFailedError, TransactionFatalError
+from processor.errors import CommitFailedError, OutputUnavailableError, TransactionFatalError
 from processor.records import OutgoingRecord
 from processor.sink import Sink
 from tests.fakes.kafka import FakeConsumer, FakeProducer
@@ -123,12 +123,23 @@ def test_a_failed_commit_holds_the_pipeline_until_a_retry_succeeds():
     assert [r.source.offset for r in checkpoint.release()] == [1]
 
 
-def transactional(producer: FakeProducer, consumer: FakeConsumer, ownership: Ownership) -> TransactionalCheckpoint:
-    sink = Sink(producer=producer, max_attempts=3)
-    checkpoint = TransactionalCheckpoint(producer=producer, consumer=consumer, sink=sink, ownership=ownership,
-                                         flush_timeout_s=1.0, keep_alive=lambda: None)
-    sink.on_acknowledged = lambda record: checkpoint.tracker.acked(record.source)
+def transactional(producer: FakeProducer, consumer: FakeConsumer, ownership: Ownership, max_attempts: int = 3,
+                  keep_alive=lambda: None) -> TransactionalCheckpoint:
+    producer.init_transactions(1)
+    checkpoint: TransactionalCheckpoint
+
+    def new_sink() -> Sink:
+        return Sink(producer=producer, max_attempts=1, on_acknowledged=lambda record: checkpoint.tracker.acked(record.source))
+
+    checkpoint = TransactionalCheckpoint(producer=producer, consumer=consumer, new_sink=new_sink, ownership=ownership,
+                                         flush_timeout_s=1.0, keep_alive=keep_alive, max_attempts=max_attempts)
     return checkpoint
+
+
+def finished(checkpoint: TransactionalCheckpoint, *sources: SourceRecord) -> None:
+    for src in sources:
+        checkpoint.tracker.track(src)
+        checkpoint.tracker.finish(src, output(src))
 
 
 def test_a_transaction_carries_only_the_finished_prefix_and_its_offsets():
@@ -140,51 +151,119 @@ def test_a_transaction_carries_only_the_finished_prefix_and_its_offsets():
     for index in (0, 2):
         checkpoint.tracker.finish(sources[index], output(sources[index]))
     checkpoint.commit()
-    assert producer.transactions == ["begin", "offsets:0=1", "commit"]
+    assert producer.transactions == ["init", "begin", "offsets:0=1", "commit"]
     assert [p.value for p in producer.delivered] == [b"summary"], "offset 2's output waits: its offset is not committed"
     checkpoint.tracker.finish(sources[1], output(sources[1]))
     checkpoint.commit()
     assert producer.transactions[-2:] == ["offsets:0=3", "commit"] and len(producer.delivered) == 3
 
 
-class FailingCommitProducer(FakeProducer):
-    def __init__(self, error: KafkaError) -> None:
-        super().__init__()
-        self.error = error
-
-    def commit_transaction(self, timeout: float) -> None:
-        from confluent_kafka import KafkaException
-
-        self.transactions.append("commit?")
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise KafkaException(error)
-
-
-def test_transactional_errors_are_classified():
-    consumer = FakeConsumer()
-    # retriable: the same transaction's commit is retried
-    producer = FailingCommitProducer(KafkaError(KafkaError.REQUEST_TIMED_OUT, "slow", retriable=True))
+def test_a_transaction_commits_only_after_every_output_in_it_is_acknowledged():
+    producer, consumer = FakeProducer(), FakeConsumer()
     checkpoint = transactional(producer, consumer, owned(0))
-    a = source(0, 0)
-    checkpoint.tracker.track(a)
-    checkpoint.tracker.finish(a, output(a))
+    finished(checkpoint, *(source(0, offset, key=f"k{offset}".encode()) for offset in range(3)))
+    checkpoint.commit()
+    kinds = [event[0] for event in producer.events]
+    assert kinds == ["init", "begin", "produce", "produce", "produce", "ack", "ack", "ack", "send_offsets", "commit"]
+
+
+def test_a_commit_that_timed_out_is_resumed_by_calling_commit_transaction_again_alone():
+    producer, consumer = FakeProducer(), FakeConsumer()
+    producer.txn_errors["commit_transaction"] = [KafkaError(KafkaError._TIMED_OUT, "commit timed out", retriable=True)]
+    checkpoint = transactional(producer, consumer, owned(0))
+    finished(checkpoint, source(0, 0))
     with pytest.raises(CommitFailedError):
         checkpoint.commit()
+    assert checkpoint.holding and not checkpoint.needs_rewind and checkpoint.records_committed == 0
     checkpoint.commit()
-    assert producer.transactions == ["begin", "offsets:0=1", "commit?", "offsets:0=1", "commit?"] and checkpoint.records_committed == 1
-    # abortable: abort, and the worker must rewind
-    producer = FailingCommitProducer(KafkaError(KafkaError._STATE, "abortable", txn_requires_abort=True))
+    assert [e[0] for e in producer.events[-3:]] == ["send_offsets", "commit_transaction_failed", "commit"], \
+        "librdkafka refuses send_offsets_to_transaction() while the commit goes on: only commit_transaction() again"
+    assert producer.transactions == ["init", "begin", "offsets:0=1", "commit"]
+    assert checkpoint.records_committed == 1 and not checkpoint.holding
+
+
+def test_an_abortable_error_aborts_and_asks_for_a_rewind():
+    producer, consumer = FakeProducer(), FakeConsumer()
+    producer.txn_errors["commit_transaction"] = [KafkaError(KafkaError._STATE, "abortable", txn_requires_abort=True)]
     checkpoint = transactional(producer, consumer, owned(0))
-    checkpoint.tracker.track(a)
-    checkpoint.tracker.finish(a, output(a))
+    finished(checkpoint, source(0, 0))
     with pytest.raises(CommitFailedError):
         checkpoint.commit()
     assert producer.transactions[-1] == "abort" and checkpoint.needs_rewind and checkpoint.records_committed == 0
-    # fatal (fenced): a documented exit
-    producer = FailingCommitProducer(KafkaError(KafkaError._FENCED, "fenced", fatal=True))
+    assert not checkpoint.holding, "after the abort the records are read again: nothing to hold for"
+    assert producer.visible() == []
+
+
+def test_a_failed_delivery_aborts_and_only_produce_max_attempts_failures_in_a_row_stop_the_worker():
+    producer, consumer = FakeProducer(), FakeConsumer()
+    ownership = owned(0)
+    checkpoint = transactional(producer, consumer, ownership, max_attempts=2)
+    timeout = KafkaError(KafkaError._MSG_TIMED_OUT, "Local: Message timed out")
+
+    def attempt() -> None:
+        ownership.assign([(TOPIC, 0)])  # the worker's rewind: the records again, under a new epoch
+        finished(checkpoint, source(0, 0, epoch=ownership.epoch((TOPIC, 0))))
+        checkpoint.commit()
+
+    producer.failures = [timeout]
+    with pytest.raises(CommitFailedError):
+        attempt()
+    assert checkpoint.needs_rewind and producer.transactions[-1] == "abort"
+    attempt()  # delivered this time
+    assert checkpoint.records_committed == 1 and checkpoint.failed_deliveries == 0
+    assert [r.value for r in producer.visible()] == [b"summary"]
+    for _ in range(2):  # attempts of the next records, both failing
+        producer.failures = [timeout]
+        checkpoint.tracker.track(source(0, 1, epoch=ownership.epoch((TOPIC, 0))))
+        checkpoint.tracker.finish(source(0, 1, epoch=ownership.epoch((TOPIC, 0))), output(source(0, 1)))
+        if checkpoint.failed_deliveries == 0:
+            with pytest.raises(CommitFailedError):
+                checkpoint.commit()
+            ownership.assign([(TOPIC, 0)])
+        else:
+            with pytest.raises(OutputUnavailableError):
+                checkpoint.commit()
+    assert checkpoint.records_committed == 1 and producer.transactions.count("abort") == 3
+
+
+def test_a_timed_out_abort_is_resumed_alone_before_the_next_transaction():
+    producer, consumer = FakeProducer(), FakeConsumer()
+    producer.txn_errors["commit_transaction"] = [KafkaError(KafkaError._STATE, "abortable", txn_requires_abort=True)]
+    producer.txn_errors["abort_transaction"] = [KafkaError(KafkaError._TIMED_OUT, "abort timed out", retriable=True)]
+    ownership = owned(0)
+    checkpoint = transactional(producer, consumer, ownership)
+    finished(checkpoint, source(0, 0))
+    with pytest.raises(CommitFailedError):
+        checkpoint.commit()
+    assert checkpoint.needs_rewind and checkpoint.holding
+    ownership.assign([(TOPIC, 0)])
+    checkpoint.tracker.drop([(TOPIC, 0)])
+    finished(checkpoint, source(0, 0, epoch=ownership.epoch((TOPIC, 0))))
+    checkpoint.commit()
+    assert producer.transactions == ["init", "begin", "offsets:0=1", "abort", "begin", "offsets:0=1", "commit"]
+    assert [e[0] for e in producer.events].count("abort_transaction_failed") == 1
+
+
+def test_a_partition_revoked_while_the_transaction_flushes_aborts_it():
+    producer, consumer = FakeProducer(), FakeConsumer()
+    ownership = owned(0, 1)
+    checkpoint = transactional(producer, consumer, ownership, keep_alive=lambda: ownership.revoke([(TOPIC, 1)]))
+    producer.hold = True  # the flush polls, and keeps the group alive in between: the revoke comes in there
+    finished(checkpoint, source(0, 0, epoch=1), source(1, 0, epoch=2))
+    import threading
+
+    threading.Timer(0.2, lambda: setattr(producer, "hold", False)).start()
+    with pytest.raises(CommitFailedError):
+        checkpoint.commit()
+    assert "commit" not in producer.transactions and producer.transactions[-1] == "abort" and checkpoint.needs_rewind
+
+
+@pytest.mark.parametrize("call", ["begin_transaction", "send_offsets_to_transaction", "commit_transaction"])
+def test_a_fenced_producer_is_fatal(call):
+    producer, consumer = FakeProducer(), FakeConsumer()
+    producer.txn_errors[call] = [KafkaError(KafkaError._FENCED, "fenced", fatal=True)]
     checkpoint = transactional(producer, consumer, owned(0))
-    checkpoint.tracker.track(a)
-    checkpoint.tracker.finish(a, output(a))
+    finished(checkpoint, source(0, 0))
     with pytest.raises(TransactionFatalError):
         checkpoint.commit()
+    assert producer.visible() == [] and checkpoint.records_committed == 0

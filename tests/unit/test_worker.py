@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections import Counter
 import time
 from typing import Any
 
@@ -115,13 +116,15 @@ def test_offsets_are_committed_only_after_their_outputs_are_acknowledged():
     worker = Worker(settings(), ExtractiveEngine(), consumer=consumer, producer=producer)
     violations: list[str] = []
 
-    def check_at_commit() -> None:
-        delivered = {(p.key) for p in producer.delivered}
-        waiting = {(p.key) for p in producer.waiting}
-        if waiting & {f"k{n}".encode() for n in range(10)} and not delivered:
-            violations.append("committing while the only outputs are still in flight")
+    def check_at_commit(offsets: dict) -> None:
+        # Every record below a committed offset has its output acknowledged already (keys repeat: count them).
+        acked = Counter(event[2] for event in producer.events if event[0] == "ack")
+        for (_topic, partition), end in offsets.items():
+            below = Counter(m.key() for m in consumer.messages(partition) if m.offset() < end)
+            if any(acked[key] < n for key, n in below.items()):
+                violations.append(f"committed {partition}@{end} before its outputs were acknowledged")
 
-    consumer.on_commit = check_at_commit
+    consumer.before_commit = check_at_commit
     producer.hold = True
     deadline = time.monotonic() + 1.0
     code = worker.run(until=lambda: time.monotonic() > deadline)
@@ -131,8 +134,8 @@ def test_offsets_are_committed_only_after_their_outputs_are_acknowledged():
     consumer2 = consumer  # the same group continues
     worker2 = Worker(settings(), ExtractiveEngine(), consumer=consumer2, producer=producer)
     feed(consumer2, 2)
-    assert run(worker2, lambda: worker2.records_committed >= 2) == 0
-    assert violations == []
+    assert run(worker2, lambda: worker2.records_committed >= 12) == 0
+    assert violations == [] and consumer.commits[-1] == {("in", 0): 12}
 
 
 class DyingEngine(ExtractiveEngine):
@@ -368,3 +371,78 @@ def test_continuous_at_the_uncommitted_bound_commits_without_waiting_out_the_com
     assert worker.records_committed == 13
     assert len(commits_while_slow) >= 3 and all(("in", 1) not in c for c in commits_while_slow), \
         "each time reading stopped at the bound a commit made room, while the slow request was still generating"
+
+
+# ------------------------------------------------------------------------ rebalance callbacks inside consume()
+def committed_offsets_in_order(consumer: FakeGroupConsumer) -> list[dict]:
+    return consumer.commits + consumer.transactional_commits
+
+
+def visible_summaries(producer: FakeProducer) -> list[str]:
+    return [CODEC.decode(p.value, "ai_worker.SearchSummary")["event_id"] for p in producer.visible() if p.topic == "out"]
+
+
+GUARANTEES = {"at_least_once": {}, "exactly_once": {"processing_guarantee": "exactly_once", "transactional_id_suffix": "w0"}}
+
+
+@pytest.mark.parametrize("guarantee", sorted(GUARANTEES))
+@pytest.mark.parametrize("rebalance", ["cooperative_revoke", "eager_reassign", "lost_reassign"])
+def test_a_rebalance_served_inside_consume_loses_nothing_and_processes_nothing_twice(rebalance, guarantee):
+    """librdkafka runs on_revoke/on_lost/on_assign inside consume(), and that call still returns what it fetched:
+    messages of the partitions kept must reach the inbox the loop reads (not one a callback replaced), and messages
+    of a partition revoked and re-assigned in the call were fetched under the old assignment: the new one starts
+    again at the committed offset, so they must not be processed as well (they would be, twice, and the partition's
+    track would run out of offset order)."""
+    consumer, producer = FakeGroupConsumer("in", partitions=2), FakeProducer()
+    feed(consumer, 20, partitions=2)
+    cooperative = rebalance == "cooperative_revoke"
+    overrides = {"partition.assignment.strategy": "cooperative-sticky"} if cooperative else {}
+    worker = Worker(settings(**GUARANTEES[guarantee]), ExtractiveEngine(), consumer=consumer, producer=producer,
+                    consumer_overrides=overrides)
+    fetches: list[int] = []
+
+    def rebalance_inside(c: FakeGroupConsumer, fetched: list) -> None:
+        if fetched:
+            fetches.append(len(fetched))
+        if len(fetches) != 2 or not any(m.partition() == 0 for m in fetched):
+            return
+        fetches.append(-1)  # once
+        if cooperative:
+            c.revoke([1])  # partition 0's messages in this call stay this worker's
+            c.group_assign([1])  # and partition 1 comes back (incrementally) at its committed offset
+        elif rebalance == "eager_reassign":
+            c.revoke([0, 1])
+            c.group_assign([0, 1])
+        else:
+            c.lose([0, 1])
+            c.group_assign([0, 1])
+
+    consumer.during_consume = rebalance_inside
+    outputs = visible_summaries if guarantee == "exactly_once" else summaries
+    assert run(worker, lambda: worker.records_committed >= 20 and len(outputs(producer)) >= 20, timeout_s=10) == 0
+    assert -1 in fetches, "the rebalance ran inside a consume() that returned messages"
+    assert sorted(outputs(producer)) == [f"evt-{n:06d}" for n in range(20)], "every event once: none lost, none twice"
+    for partition in (0, 1):
+        offsets = [c[("in", partition)] for c in committed_offsets_in_order(consumer) if ("in", partition) in c]
+        assert offsets == sorted(offsets) and offsets[-1] == 10, f"partition {partition} commits forward, to its end"
+
+
+@pytest.mark.parametrize("guarantee", sorted(GUARANTEES))
+def test_sigterm_while_a_batch_is_inside_generate_lets_it_finish_then_publishes_and_commits_it(guarantee):
+    consumer, producer, engine = FakeGroupConsumer("in"), FakeProducer(), GatedEngine()
+    feed(consumer, 2)
+    worker = Worker(settings(**GUARANTEES[guarantee]), engine, consumer=consumer, producer=producer)
+
+    def sigterm_while_generating() -> None:
+        assert engine.started.wait(10)
+        worker.request_stop()  # what the SIGTERM handler does, from another thread, mid-generate()
+        time.sleep(0.3)
+        engine.gate.set()
+
+    signal = threading.Thread(target=sigterm_while_generating, daemon=True)
+    signal.start()
+    assert run(worker, lambda: False, timeout_s=15) == 0
+    signal.join(5)
+    outputs = visible_summaries if guarantee == "exactly_once" else summaries
+    assert sorted(outputs(producer)) == ["evt-000000", "evt-000001"], "the batch in generate() finished and was published"
+    assert worker.records_committed == 2 and consumer.committed_offsets == {0: 2}, "... and committed before run() returned"
