@@ -179,7 +179,7 @@ def _plan(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.model_config} is not JSON ({exc.msg}, line {exc.lineno}): give a model's config.json") from None
     except KeyError as exc:
         raise CommandError(f"{args.model_config} is not a transformer model config (no {exc.args[0]}): give a model's config.json") from None
-    print(f"model config {args.model_config}, quantization {quantization or 'none'}, "
+    print(f"model config {args.model_config}, VLLM_QUANTIZATION={quantization or ''}, "
           f"VLLM_MAX_MODEL_LEN={settings.max_model_len}, SAMPLING_MAX_TOKENS={settings.sampling_max_tokens}")
     print(plan.report())
     if not plan.fits:
@@ -425,9 +425,17 @@ def build_parser() -> argparse.ArgumentParser:
     summarize.set_defaults(func=_summarize)
 
     plan = command("plan", "print the KV-cache capacity plan for a model config (no weights loaded)")
-    plan.add_argument("model_config", help="a model's config.json, or its directory")
+    plan.add_argument(
+        "model_config",
+        help="a model folder or its config.json (a hub id only if already in the local Hugging Face cache; "
+        "otherwise `huggingface-cli download MODEL config.json --local-dir DIR` first)",
+    )
     plan.add_argument("--gpu-memory-gib", type=float, default=12.0, help="GPU memory in GiB (RTX 4070: 12)")
-    plan.add_argument("--quantization", help="override VLLM_QUANTIZATION ('' for none; default: VLLM_QUANTIZATION)")
+    plan.add_argument(
+        "--quantization",
+        help="override VLLM_QUANTIZATION ('': none named, the config's own quantization_config decides, as in vLLM; "
+        "default: VLLM_QUANTIZATION)",
+    )
     plan.set_defaults(func=_plan)
 
     tiny = command("tiny-model", "build a tiny random-weight Qwen2 chat model (no hub) for ENGINE=transformers checks")
