@@ -116,6 +116,7 @@ def _broker(args: argparse.Namespace) -> int:
 
 def _produce(args: argparse.Namespace) -> int:
     from processor.codec import make_codec
+    from processor.reachability import require_broker
     from processor.tools import parse_event_lines, produce_events, produce_values
 
     settings = load_settings()
@@ -128,6 +129,7 @@ def _produce(args: argparse.Namespace) -> int:
         values = [line.rstrip("\r\n").encode() for line in lines if line.strip()]
         if not values:
             raise CommandError("nothing to produce: the input has no non-blank line")
+        require_broker(settings.kafka_common())
         placed = produce_values(settings.kafka_common(), topic, [(None, value) for value in values])
         print(f"produced {len(placed)} raw record(s) to {topic} as given (the worker dead-letters what is not an event)", file=sys.stderr)
         return EXIT_OK
@@ -139,13 +141,14 @@ def _produce(args: argparse.Namespace) -> int:
         print(f"{name}:{line.number}: {line.error}", file=sys.stderr)
     if not parsed:
         raise CommandError("nothing to produce: the input has no non-blank line")
+    if not valid:  # --skip-invalid would send nothing either: not a way out worth naming
+        raise CommandError(f"none of the {len(parsed)} line(s) is a valid event: nothing was sent")
     if invalid and not args.skip_invalid:
         raise CommandError(
             f"{len(invalid)} of {len(parsed)} line(s) are not valid events, so nothing was sent: fix them, "
             f"or add --skip-invalid to send the {len(valid)} valid one(s)"
         )
-    if not valid:
-        raise CommandError(f"none of the {len(parsed)} line(s) is a valid event: nothing was sent")
+    require_broker(settings.kafka_common())
     placed = produce_events(settings.kafka_common(), topic, valid, make_codec(settings.schema_registry_url))
     skipped = f"; skipped {len(invalid)} invalid line(s)" if invalid else ""
     print(f"produced {len(placed)} event(s) to {topic}{skipped}", file=sys.stderr)
@@ -154,11 +157,13 @@ def _produce(args: argparse.Namespace) -> int:
 
 def _consume(args: argparse.Namespace) -> int:
     from processor.codec import make_codec
+    from processor.reachability import require_broker
     from processor.tools import read_topic
 
     settings = load_settings()
     _tool_logging(args)
     topic = args.topic or (settings.kafka_dlq_topic if args.dlq else settings.kafka_output_topic)
+    require_broker(settings.kafka_common())
     codec = make_codec(settings.schema_registry_url)
     for record in read_topic(
         settings.kafka_common(), topic, dead_letters=args.dlq, max_records=args.max, idle_timeout_s=args.idle_timeout, codec=codec
@@ -244,10 +249,12 @@ def _summarize(args: argparse.Namespace) -> int:
 
 def _lag(args: argparse.Namespace) -> int:
     from processor.offsets import format_lag, group_lag
+    from processor.reachability import require_broker
 
     settings = load_settings()
     _tool_logging(args)
     group = args.group or settings.kafka_group_id
+    require_broker(settings.kafka_common())
     print(format_lag(group_lag(settings.kafka_common(), group, settings.kafka_input_topic), group, settings.kafka_input_topic))
     return EXIT_OK
 

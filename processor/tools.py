@@ -41,7 +41,8 @@ def parse_event_lines(stream: IO[str]) -> list[InputLine]:
         try:
             parsed.append(InputLine(number, validate_event(json.loads(line)), None))
         except json.JSONDecodeError as exc:
-            parsed.append(InputLine(number, None, f"not JSON ({exc.msg} at column {exc.colno})"))
+            # json counts lines within this one line (always 1): the input's line number is the one to name.
+            parsed.append(InputLine(number, None, f"not JSON ({exc.msg} at line {number}, column {exc.colno})"))
         except InvalidEventError as exc:
             parsed.append(InputLine(number, None, f"not an event ({exc})"))
         except (TypeError, AttributeError):
