@@ -48,6 +48,12 @@ def _tool_logging(args: argparse.Namespace) -> None:
     configure_logging("text", "DEBUG" if args.debug else "WARNING")
 
 
+def tool_log_format(settings: Settings) -> str:
+    """A command that runs the worker inside it (replay --backfill) logs as the command does, in text beside its
+    progress output; JSON only when LOG_FORMAT asks for it (the worker's own default is JSON for log collectors)."""
+    return settings.log_format if "log_format" in settings.model_fields_set else "text"
+
+
 def _open_input(path: str) -> IO[str]:
     if path != "-":
         return open(path, encoding="utf-8")
@@ -291,7 +297,7 @@ def _replay(args: argparse.Namespace) -> int:
     from processor.logs import configure_logging
     from processor.loop import Worker
 
-    configure_logging(settings.log_format, "WARNING")
+    configure_logging(tool_log_format(settings), "DEBUG" if args.debug else "WARNING")
     end = backfill_ends(common, settings.kafka_input_topic, start)  # captured now: the backfill's bound
     total = sum(end[p] - start[p] for p in end)
     engine = create_engine(settings)
@@ -391,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     command("run", "run the stream processor, configured by the environment", epilog=settings_help() + "\n\n" + exit_codes_help()).set_defaults(func=_run)
 
     demo = command("demo", "embedded broker + sample Korean/English events + the processor; prints summaries")
-    demo.add_argument("--engine", default="extractive", choices=["extractive", "transformers"], help="engine to summarise with")
+    demo.add_argument(
+        "--engine", choices=["extractive", "transformers"], help="engine to summarise with (default: ENGINE, else extractive)"
+    )
     demo.add_argument("--model", help="model directory for --engine transformers (python -m processor tiny-model DIR makes one)")
     demo.add_argument("--repeat", type=int, default=1, help="send the sample events this many times (throughput)")
     demo.set_defaults(func=_demo)

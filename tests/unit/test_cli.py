@@ -256,3 +256,26 @@ def test_broker_fails_when_its_port_is_taken():
         result = run("broker", "--port", str(port), timeout=30)
     assert_one_line_error(result, 2, f"port {port}", "already in use")
     assert "export KAFKA_BOOTSTRAP_SERVERS" not in result.stdout, "no success printed"
+
+
+def test_a_backfill_logs_in_text_unless_log_format_asks_for_json(monkeypatch):
+    """`replay --backfill` runs the worker beside a progress bar: a JSON line there is noise unless asked for."""
+    from processor.cli import tool_log_format
+    from processor.settings import load_settings
+
+    monkeypatch.delenv("LOG_FORMAT", raising=False)
+    assert load_settings().log_format == "json", "the worker's own default stays JSON"
+    assert tool_log_format(load_settings()) == "text"
+    monkeypatch.setenv("LOG_FORMAT", "json")
+    assert tool_log_format(load_settings()) == "json"
+    monkeypatch.setenv("LOG_FORMAT", "text")
+    assert tool_log_format(load_settings()) == "text"
+
+
+def test_demo_honours_engine_from_the_environment(tmp_path):
+    """ENGINE=transformers is not silently replaced by the extractive engine; a model that cannot load ends the demo
+    in one line, before any broker is started."""
+    missing = tmp_path / "no-model"
+    result = run("demo", env={"ENGINE": "transformers", "TRANSFORMERS_MODEL": str(missing)}, timeout=120)
+    assert_one_line_error(result, 2, str(missing), "TRANSFORMERS_MODEL")
+    assert "embedded broker on" not in result.stdout
