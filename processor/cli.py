@@ -122,7 +122,6 @@ def _broker(args: argparse.Namespace) -> int:
 
 def _produce(args: argparse.Namespace) -> int:
     from processor.codec import make_codec
-    from processor.reachability import require_broker
     from processor.tools import parse_event_lines, produce_events, produce_values
 
     settings = load_settings()
@@ -135,7 +134,6 @@ def _produce(args: argparse.Namespace) -> int:
         values = [line.rstrip("\r\n").encode() for line in lines if line.strip()]
         if not values:
             raise CommandError("nothing to produce: the input has no non-blank line")
-        require_broker(settings.kafka_common())
         placed = produce_values(settings.kafka_common(), topic, [(None, value) for value in values])
         print(f"produced {len(placed)} raw record(s) to {topic} as given (the worker dead-letters what is not an event)", file=sys.stderr)
         return EXIT_OK
@@ -154,7 +152,6 @@ def _produce(args: argparse.Namespace) -> int:
             f"{len(invalid)} of {len(parsed)} line(s) are not valid events, so nothing was sent: fix them, "
             f"or add --skip-invalid to send the {len(valid)} valid one(s)"
         )
-    require_broker(settings.kafka_common())
     placed = produce_events(settings.kafka_common(), topic, valid, make_codec(settings.schema_registry_url))
     skipped = f"; skipped {len(invalid)} invalid line(s)" if invalid else ""
     print(f"produced {len(placed)} event(s) to {topic}{skipped}", file=sys.stderr)
