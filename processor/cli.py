@@ -48,6 +48,12 @@ def _tool_logging(args: argparse.Namespace) -> None:
     configure_logging("text", "DEBUG" if args.debug else "WARNING")
 
 
+def tool_log_format(settings: Settings) -> str:
+    """A command that runs the worker inside it (replay --backfill) logs as the command does, in text beside its
+    progress output; JSON only when LOG_FORMAT asks for it (the worker's own default is JSON for log collectors)."""
+    return settings.log_format if "log_format" in settings.model_fields_set else "text"
+
+
 def _open_input(path: str) -> IO[str]:
     if path != "-":
         return open(path, encoding="utf-8")
@@ -139,13 +145,13 @@ def _produce(args: argparse.Namespace) -> int:
         print(f"{name}:{line.number}: {line.error}", file=sys.stderr)
     if not parsed:
         raise CommandError("nothing to produce: the input has no non-blank line")
+    if not valid:  # --skip-invalid would send nothing either: not a way out worth naming
+        raise CommandError(f"none of the {len(parsed)} line(s) is a valid event: nothing was sent")
     if invalid and not args.skip_invalid:
         raise CommandError(
             f"{len(invalid)} of {len(parsed)} line(s) are not valid events, so nothing was sent: fix them, "
             f"or add --skip-invalid to send the {len(valid)} valid one(s)"
         )
-    if not valid:
-        raise CommandError(f"none of the {len(parsed)} line(s) is a valid event: nothing was sent")
     placed = produce_events(settings.kafka_common(), topic, valid, make_codec(settings.schema_registry_url))
     skipped = f"; skipped {len(invalid)} invalid line(s)" if invalid else ""
     print(f"produced {len(placed)} event(s) to {topic}{skipped}", file=sys.stderr)
@@ -154,11 +160,13 @@ def _produce(args: argparse.Namespace) -> int:
 
 def _consume(args: argparse.Namespace) -> int:
     from processor.codec import make_codec
+    from processor.reachability import require_broker
     from processor.tools import read_topic
 
     settings = load_settings()
     _tool_logging(args)
     topic = args.topic or (settings.kafka_dlq_topic if args.dlq else settings.kafka_output_topic)
+    require_broker(settings.kafka_common())
     codec = make_codec(settings.schema_registry_url)
     for record in read_topic(
         settings.kafka_common(), topic, dead_letters=args.dlq, max_records=args.max, idle_timeout_s=args.idle_timeout, codec=codec
@@ -179,7 +187,7 @@ def _plan(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.model_config} is not JSON ({exc.msg}, line {exc.lineno}): give a model's config.json") from None
     except KeyError as exc:
         raise CommandError(f"{args.model_config} is not a transformer model config (no {exc.args[0]}): give a model's config.json") from None
-    print(f"model config {args.model_config}, quantization {quantization or 'none'}, "
+    print(f"model config {args.model_config}, VLLM_QUANTIZATION={quantization or ''}, "
           f"VLLM_MAX_MODEL_LEN={settings.max_model_len}, SAMPLING_MAX_TOKENS={settings.sampling_max_tokens}")
     print(plan.report())
     if not plan.fits:
@@ -244,10 +252,12 @@ def _summarize(args: argparse.Namespace) -> int:
 
 def _lag(args: argparse.Namespace) -> int:
     from processor.offsets import format_lag, group_lag
+    from processor.reachability import require_broker
 
     settings = load_settings()
     _tool_logging(args)
     group = args.group or settings.kafka_group_id
+    require_broker(settings.kafka_common())
     print(format_lag(group_lag(settings.kafka_common(), group, settings.kafka_input_topic), group, settings.kafka_input_topic))
     return EXIT_OK
 
@@ -284,7 +294,7 @@ def _replay(args: argparse.Namespace) -> int:
     from processor.logs import configure_logging
     from processor.loop import Worker
 
-    configure_logging(settings.log_format, "WARNING")
+    configure_logging(tool_log_format(settings), "DEBUG" if args.debug else "WARNING")
     end = backfill_ends(common, settings.kafka_input_topic, start)  # captured now: the backfill's bound
     total = sum(end[p] - start[p] for p in end)
     engine = create_engine(settings)
@@ -384,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     command("run", "run the stream processor, configured by the environment", epilog=settings_help() + "\n\n" + exit_codes_help()).set_defaults(func=_run)
 
     demo = command("demo", "embedded broker + sample Korean/English events + the processor; prints summaries")
-    demo.add_argument("--engine", default="extractive", choices=["extractive", "transformers"], help="engine to summarise with")
+    demo.add_argument(
+        "--engine", choices=["extractive", "transformers"], help="engine to summarise with (default: ENGINE, else extractive)"
+    )
     demo.add_argument("--model", help="model directory for --engine transformers (python -m processor tiny-model DIR makes one)")
     demo.add_argument("--repeat", type=int, default=1, help="send the sample events this many times (throughput)")
     demo.set_defaults(func=_demo)
@@ -425,9 +437,17 @@ def build_parser() -> argparse.ArgumentParser:
     summarize.set_defaults(func=_summarize)
 
     plan = command("plan", "print the KV-cache capacity plan for a model config (no weights loaded)")
-    plan.add_argument("model_config", help="a model's config.json, or its directory")
+    plan.add_argument(
+        "model_config",
+        help="a model folder or its config.json (a hub id only if already in the local Hugging Face cache; "
+        "otherwise `huggingface-cli download MODEL config.json --local-dir DIR` first)",
+    )
     plan.add_argument("--gpu-memory-gib", type=float, default=12.0, help="GPU memory in GiB (RTX 4070: 12)")
-    plan.add_argument("--quantization", help="override VLLM_QUANTIZATION ('' for none; default: VLLM_QUANTIZATION)")
+    plan.add_argument(
+        "--quantization",
+        help="override VLLM_QUANTIZATION ('': none named, the config's own quantization_config decides, as in vLLM; "
+        "default: VLLM_QUANTIZATION)",
+    )
     plan.set_defaults(func=_plan)
 
     tiny = command("tiny-model", "build a tiny random-weight Qwen2 chat model (no hub) for ENGINE=transformers checks")

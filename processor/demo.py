@@ -9,6 +9,7 @@ from typing import Any, TextIO
 from processor.broker import EmbeddedBroker, ensure_topics
 from processor.display import fill
 from processor.engines import create_engine
+from processor.engines.base import Engine
 from processor.loop import Worker
 from processor.samples import sample_events
 from processor.settings import load_settings
@@ -18,18 +19,24 @@ from processor.tools import produce_events, read_topic
 FAST_GROUP = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 
 
-def run_demo(out: TextIO = sys.stdout, engine: str = "extractive", model: str | None = None, repeat: int = 1, timeout_s: float = 120.0) -> int:
+def run_demo(out: TextIO = sys.stdout, engine: str | None = None, model: str | None = None, repeat: int = 1, timeout_s: float = 120.0) -> int:
+    """`engine` None: ENGINE from the environment, as `run` and `summarize` read it (extractive when unset)."""
+    overrides: dict[str, Any] = {"kafka_group_id": "ai-worker-demo", "batch_max_wait_ms": 200, "log_format": "text"}
+    if engine:
+        overrides["engine"] = engine
+    if model:
+        overrides["transformers_model"] = model
+    # The engine first: one that cannot load ends the demo in one line before a broker is started for nothing.
+    summarizer = create_engine(load_settings(**overrides))
+    try:
+        return _run_with_engine(out, summarizer, overrides, repeat, timeout_s)
+    finally:
+        summarizer.close()
+
+
+def _run_with_engine(out: TextIO, summarizer: Engine, overrides: dict[str, Any], repeat: int, timeout_s: float) -> int:
     with EmbeddedBroker() as broker:
-        overrides: dict[str, Any] = {
-            "kafka_bootstrap_servers": broker.bootstrap,
-            "kafka_group_id": "ai-worker-demo",
-            "engine": engine,
-            "batch_max_wait_ms": 200,
-            "log_format": "text",
-        }
-        if model:
-            overrides["transformers_model"] = model
-        settings = load_settings(**overrides)
+        settings = load_settings(**overrides, kafka_bootstrap_servers=broker.bootstrap)
         ensure_topics(broker.bootstrap, {settings.kafka_input_topic: 3, settings.kafka_output_topic: 3, settings.kafka_dlq_topic: 1})
         events = [
             {**event, "event_id": f"{event['event_id']}-{n}" if repeat > 1 else event["event_id"]}
@@ -39,8 +46,8 @@ def run_demo(out: TextIO = sys.stdout, engine: str = "extractive", model: str | 
         print(f"embedded broker on {broker.bootstrap}; producing {len(events)} sample events (Korean and English)", file=out)
         produce_events({"bootstrap.servers": broker.bootstrap}, settings.kafka_input_topic, events)
 
-        print(f"starting the worker with ENGINE={engine} …", file=out)
-        worker = Worker(settings, create_engine(settings), consumer_overrides=FAST_GROUP)
+        print(f"starting the worker with ENGINE={settings.engine.value} …", file=out)
+        worker = Worker(settings, summarizer, consumer_overrides=FAST_GROUP)
         started = time.monotonic()
         first_record: list[float] = []
 

@@ -4,6 +4,7 @@ missing broker ends the command within seconds with one line naming the setting,
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
@@ -13,6 +14,7 @@ from processor.errors import BrokerUnavailableError
 from processor.failures import CommandError
 
 PROBE_TIMEOUT_S = 10.0
+log = logging.getLogger(__name__)
 _AUTH_FAILURES = {
     getattr(KafkaError, name)
     for name in ("_AUTHENTICATION", "SASL_AUTHENTICATION_FAILED", "_SSL", "TOPIC_AUTHORIZATION_FAILED", "CLUSTER_AUTHORIZATION_FAILED")
@@ -45,8 +47,18 @@ def cluster_metadata(client: Any, bootstrap: str, timeout_s: float = PROBE_TIMEO
         raise translate(exc, bootstrap) from None
 
 
+class ProbeLog:
+    """librdkafka's log for the reachability probe, at DEBUG only (`--debug` shows it): its connection failures
+    ("FAIL … Connection refused") say what the probe's one-line error says better, and would come before it."""
+
+    def log(self, _level: int, message: str, *args: Any) -> None:
+        log.debug(message, *args)
+
+
 def require_broker(common: dict[str, Any], timeout_s: float = PROBE_TIMEOUT_S) -> ClusterMetadata:
-    admin = AdminClient({k: v for k, v in common.items()})
+    """Metadata from a quiet client of its own: with no broker, one line (BrokerUnavailableError) and nothing else.
+    Commands ask this before they make their own, louder clients."""
+    admin = AdminClient({**common, "logger": ProbeLog(), "error_cb": lambda error: log.debug("probe: %s", error.str())})
     return cluster_metadata(admin, str(common.get("bootstrap.servers")), timeout_s)
 
 

@@ -17,7 +17,7 @@ from processor.codec import EVENT_SCHEMA, SUMMARY_SCHEMA, AvroCodec, DecodeError
 from processor.errors import OutputUnavailableError
 from processor.events import InvalidEventError, SearchEvent, validate_event
 from processor.failures import CommandError
-from processor.reachability import cluster_metadata, require_topic, translate
+from processor.reachability import cluster_metadata, require_broker, require_topic, translate
 from processor.records import parse_dead_letter
 
 _LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
@@ -41,7 +41,8 @@ def parse_event_lines(stream: IO[str]) -> list[InputLine]:
         try:
             parsed.append(InputLine(number, validate_event(json.loads(line)), None))
         except json.JSONDecodeError as exc:
-            parsed.append(InputLine(number, None, f"not JSON ({exc.msg} at column {exc.colno})"))
+            # json counts lines within this one line (always 1): the input's line number is the one to name.
+            parsed.append(InputLine(number, None, f"not JSON ({exc.msg} at line {number}, column {exc.colno})"))
         except InvalidEventError as exc:
             parsed.append(InputLine(number, None, f"not an event ({exc})"))
         except (TypeError, AttributeError):
@@ -75,6 +76,7 @@ def produce_values(producer_conf: dict[str, Any], topic: str, messages: Sequence
     """Produce (key, value) pairs as they are; return (partition, offset) of each, in order. Fails fast (one line)
     when no broker answers or the topic does not exist, and names what was not delivered otherwise."""
     bootstrap = str(producer_conf.get("bootstrap.servers"))
+    require_broker(producer_conf)  # quietly: with no broker, the one-line error and no librdkafka log before it
     producer = Producer(
         {"logger": _LIBRDKAFKA_LOG, "message.timeout.ms": PRODUCE_TIMEOUT_MS, **producer_conf, "enable.idempotence": True, "linger.ms": 5}
     )

@@ -44,7 +44,11 @@ def build_tiny_chat_model(
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        # Its progress bars print blank lines where stdout is not a terminal, before anything the command says.
+        show_progress=False,
     )
     bpe.train_from_iterator(list(corpus), trainer)
     tokenizer = PreTrainedTokenizerFast(

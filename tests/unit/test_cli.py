@@ -105,6 +105,29 @@ def test_produce_reports_every_invalid_line_by_number_and_sends_nothing(tmp_path
     assert f"{path}:4: not an event (results:" in lines[1]
 
 
+def test_a_malformed_line_is_named_by_its_line_and_column(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text(json.dumps(EVENT) + "\n\n" + '{"event_id": "e-2", oops}' + "\n")
+    result = run("produce", str(path), env={"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"})
+    lines = assert_one_line_error(result, 1, "1 of 2 line(s)")
+    assert lines[0] == f"{path}:3: not JSON (Expecting property name enclosed in double quotes at line 3, column 21)"
+
+
+def test_when_no_line_is_valid_skip_invalid_is_not_offered(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text("not json\n" + json.dumps({"event_id": "x"}) + "\n")
+    result = run("produce", str(path), env={"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"})
+    lines = assert_one_line_error(result, 1, "none of the 2 line(s) is a valid event", "nothing was sent")
+    assert "--skip-invalid" not in lines[-1]
+
+
+def test_tiny_model_says_one_line_and_nothing_before_it(tmp_path):
+    result = run("tiny-model", str(tmp_path / "tiny"), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"tiny random-weight Qwen2 chat model in {tmp_path / 'tiny'} (gibberish output; for wiring checks, not summaries)"]
+    assert result.stderr.strip() == ""
+
+
 def test_summarize_reports_invalid_lines_and_runs_no_engine(tmp_path):
     path = tmp_path / "events.jsonl"
     path.write_text(json.dumps(EVENT) + "\n" + json.dumps({"event_id": "x"}) + "\n")
@@ -121,10 +144,11 @@ def test_summarize_of_the_model_free_engine_reports_no_token_rate():
 
 def test_commands_fail_fast_with_one_line_when_no_broker_answers(tmp_path):
     """No broker: each command ends within ~10 s (not after a minute of librdkafka retries) with one line naming
-    the address and the setting; librdkafka's repeated connection errors are printed at most once."""
+    the address and the setting, and nothing before it: no librdkafka `FAIL … Connection refused` line."""
     (tmp_path / "e.jsonl").write_text(json.dumps(EVENT) + "\n")
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
-    commands = [["consume"], ["consume", "--dlq"], ["lag"], ["replay", "--to", "earliest"], ["produce", str(tmp_path / "e.jsonl")]]
+    commands = [["consume"], ["consume", "--dlq"], ["lag"], ["replay", "--to", "earliest"], ["produce", str(tmp_path / "e.jsonl")],
+                ["produce", "--raw", str(tmp_path / "e.jsonl")]]
     started = time.monotonic()
     processes = [subprocess.Popen([sys.executable, "-m", "processor", *c], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for c in commands]
@@ -135,7 +159,7 @@ def test_commands_fail_fast_with_one_line_when_no_broker_answers(tmp_path):
     assert time.monotonic() - started < 30
     for result in results:
         lines = assert_one_line_error(result, 3, f"no Kafka broker answered at {env['KAFKA_BOOTSTRAP_SERVERS']}", "KAFKA_BOOTSTRAP_SERVERS")
-        assert len(lines) <= 3, result.stderr
+        assert len(lines) == 1, result.stderr
 
 
 def test_a_dead_schema_registry_is_one_line_with_its_exit_code(tmp_path):
@@ -232,3 +256,26 @@ def test_broker_fails_when_its_port_is_taken():
         result = run("broker", "--port", str(port), timeout=30)
     assert_one_line_error(result, 2, f"port {port}", "already in use")
     assert "export KAFKA_BOOTSTRAP_SERVERS" not in result.stdout, "no success printed"
+
+
+def test_a_backfill_logs_in_text_unless_log_format_asks_for_json(monkeypatch):
+    """`replay --backfill` runs the worker beside a progress bar: a JSON line there is noise unless asked for."""
+    from processor.cli import tool_log_format
+    from processor.settings import load_settings
+
+    monkeypatch.delenv("LOG_FORMAT", raising=False)
+    assert load_settings().log_format == "json", "the worker's own default stays JSON"
+    assert tool_log_format(load_settings()) == "text"
+    monkeypatch.setenv("LOG_FORMAT", "json")
+    assert tool_log_format(load_settings()) == "json"
+    monkeypatch.setenv("LOG_FORMAT", "text")
+    assert tool_log_format(load_settings()) == "text"
+
+
+def test_demo_honours_engine_from_the_environment(tmp_path):
+    """ENGINE=transformers is not silently replaced by the extractive engine; a model that cannot load ends the demo
+    in one line, before any broker is started."""
+    missing = tmp_path / "no-model"
+    result = run("demo", env={"ENGINE": "transformers", "TRANSFORMERS_MODEL": str(missing)}, timeout=120)
+    assert_one_line_error(result, 2, str(missing), "TRANSFORMERS_MODEL")
+    assert "embedded broker on" not in result.stdout
