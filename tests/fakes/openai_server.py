@@ -43,6 +43,7 @@ class Reply:
     error: str = ""  # the error body's message (status >= 400)
     hang: bool = False  # accept and never answer (until release() or close(), HANG_LIMIT_S at most)
     usage: bool = True  # False: a server that reports no usage
+    prompt_tokens: int | None = None  # usage.prompt_tokens to report (None: the double's own count)
 
 
 @dataclass
@@ -201,7 +202,8 @@ class FakeOpenAIServer:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reply.finish_reason}],
             }
             if reply.usage:
-                payload["usage"] = {"prompt_tokens": chat_tokens(body.get("messages", [])),
+                counted = chat_tokens(body.get("messages", [])) if reply.prompt_tokens is None else reply.prompt_tokens
+                payload["usage"] = {"prompt_tokens": counted,
                                     "completion_tokens": count_tokens(text), "total_tokens": 0}
             handler._json(200, payload, reply.headers)
         finally:
