@@ -351,3 +351,96 @@ def test_metrics_report_latency_in_flight_retries_by_cause_and_readiness(server)
         assert metrics.is_ready
     finally:
         engine.close()
+
+
+# ------------------------------------------------------------------------------------ the Worker, both modes
+@pytest.fixture(params=["micro_batch", "continuous"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def worker_for(server: FakeOpenAIServer, mode: str, **overrides: Any):
+    from processor.loop import Worker
+    from tests.fakes.kafka import FakeGroupConsumer, FakeProducer
+
+    values: dict[str, Any] = {"generation_mode": mode, "kafka_input_topic": "in", "kafka_output_topic": "out",
+                              "kafka_dlq_topic": "dlq", "batch_max_wait_ms": 0, "batch_max_records": 4,
+                              "shutdown_timeout_s": 5, "infrastructure_retry_timeout_s": 30.0, "openai_max_in_flight": 4}
+    values.update(overrides)
+    settings = settings_for(server, **values)
+    engine = create_engine(settings)
+    consumer, producer = FakeGroupConsumer("in"), FakeProducer()
+    worker = Worker(settings, engine, consumer=consumer, producer=producer)
+    attach_metrics(engine, worker.metrics)
+    return worker, engine, consumer, producer
+
+
+def feed_events(consumer: Any, count: int) -> None:
+    from processor.codec import EVENT_SCHEMA, AvroCodec
+
+    for n in range(count):
+        consumer.add(0, f"k{n}".encode(), AvroCodec().encode(make_event(n), EVENT_SCHEMA))
+
+
+def published(producer: Any, topic: str) -> list[str]:
+    from processor.codec import AvroCodec
+    from processor.records import parse_dead_letter
+
+    if topic == "out":
+        return sorted(AvroCodec().decode(p.value, "ai_worker.SearchSummary")["event_id"] for p in producer.delivered if p.topic == "out")
+    return [parse_dead_letter(p.key, p.value, p.headers)["error_class"] for p in producer.delivered if p.topic == "dlq"]
+
+
+def run_worker(worker: Any, until: Any, timeout_s: float = 20.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    return worker.run(until=lambda: until() or time.monotonic() > deadline)
+
+
+def test_the_worker_summarises_through_the_server_and_dead_letters_only_what_the_server_refuses(server, mode):
+    server.respond = lambda body: Reply(status=400, error="maximum context length") if query_of(body).endswith(" 3") else Reply()
+    worker, engine, consumer, producer = worker_for(server, mode)
+    feed_events(consumer, 6)
+    try:
+        assert run_worker(worker, lambda: worker.records_committed >= 6) == 0
+    finally:
+        engine.close()
+    assert published(producer, "out") == [f"evt-00000{n}" for n in range(6) if n != 3]
+    assert published(producer, "dlq") == ["PromptRejectedError"]
+
+
+WARM_UP_REQUESTS = 4  # the warm-up runs the window's shape: OPENAI_MAX_IN_FLIGHT=4 copies of the probe
+
+
+def failing_after_warm_up(failures: int, reply: Reply):
+    """A respond() that answers the warm-up, then fails `failures` requests with `reply`, then answers again."""
+    seen = {"n": 0}
+
+    def respond(_body: dict) -> Reply:
+        seen["n"] += 1  # the double's handler threads: a race here only shifts which request fails
+        return reply if WARM_UP_REQUESTS < seen["n"] <= WARM_UP_REQUESTS + failures else Reply()
+
+    return respond
+
+
+def test_a_server_failing_for_a_while_holds_the_work_then_summarises_all_of_it(server, mode):
+    server.respond = failing_after_warm_up(6, Reply(status=503, headers={"Retry-After": "0"}))
+    worker, engine, consumer, producer = worker_for(server, mode)
+    feed_events(consumer, 6)
+    try:
+        assert run_worker(worker, lambda: worker.records_committed >= 6) == 0
+    finally:
+        engine.close()
+    assert published(producer, "out") == [f"evt-00000{n}" for n in range(6)]
+    assert published(producer, "dlq") == [], "the server's failure is never a record's"
+    assert worker.metrics.registry.get_sample_value("ai_worker_server_retries_total", {"cause": "server_error"}) >= 1
+
+
+def test_a_server_that_stays_down_ends_the_worker_with_exit_5_and_no_dead_letters(server, mode):
+    server.respond = failing_after_warm_up(10**6, Reply(status=500))
+    worker, engine, consumer, producer = worker_for(server, mode, infrastructure_retry_timeout_s=1.0)
+    feed_events(consumer, 4)
+    try:
+        assert run_worker(worker, lambda: False) == EXIT_ENGINE_FAILED
+    finally:
+        engine.close()
+    assert producer.produced == [] and worker.records_committed == 0
