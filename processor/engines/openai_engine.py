@@ -257,6 +257,9 @@ class OpenAIEngine:
         self.max_in_flight = settings.openai_max_in_flight
         self.timeout_s = settings.openai_timeout_s
         self._url = api_root(settings.openai_base_url) + "/chat/completions"
+        # Extra request fields (a benchmark's fixed output lengths: vLLM's ignore_eos and min_tokens); empty in the
+        # product, where every request samples with the settings' parameters.
+        self.extra_body: dict[str, Any] = {}
         self._metrics: "Metrics | None" = None
         self._reachable = True
         self._not_before = 0.0  # monotonic: no request is sent before this (a Retry-After); the loop's thread only
@@ -402,6 +405,7 @@ class OpenAIEngine:
             "max_tokens": self.settings.sampling_max_tokens,
             "seed": self.settings.seed,
             "stream": False,
+            **self.extra_body,
         }
 
     async def _request(self, prompt: Prompt) -> Generation | EventGenerationError:
