@@ -97,6 +97,17 @@ def test_a_batchs_requests_go_out_concurrently_up_to_the_in_flight_limit(server)
         engine.close()
 
 
+def test_a_requests_deadline_runs_from_its_send_not_from_its_wait_for_a_slot(server):
+    """A batch three times the in-flight limit, each request taking 2/3 of the deadline: none times out."""
+    server.respond = lambda _body: Reply(delay_s=0.4)
+    engine = engine_for(server, openai_max_in_flight=2, openai_timeout_s=0.6)
+    try:
+        assert all(isinstance(o, Generation) for o in engine.generate(prompts(engine, 6)))
+        assert server.max_concurrent == 2
+    finally:
+        engine.close()
+
+
 def test_continuous_requests_finish_out_of_order_and_respect_the_limit(server):
     server.respond = lambda body: Reply(delay_s=0.5 if query_of(body).endswith(" 0") else 0.05)
     engine = engine_for(server, openai_max_in_flight=2)
