@@ -65,6 +65,7 @@ FAULT_KINDS = frozenset({
 BATCH_MAX_RECORDS = 3
 CONTINUOUS_MAX_UNCOMMITTED = 6
 FAULT_TICKS = 300
+FAULT_S = 1.5  # the fault phase ends after FAULT_TICKS ticks or this long (a step can take 0.25 s while generation is full)
 WRITE_RATE = 0.12  # per tick, until every record of the schedule is written
 MAX_CRASHES = 3
 QUIET_TICKS = 2000
@@ -73,7 +74,7 @@ RESPONSIVE_S = 1.0
 MAX_RESTARTS = 12
 MAX_SCHEDULE_S = 25.0
 SHORT_HANG_S = 0.3
-STUCK_S = 12.0  # the polling thread blocked this long: abandon the worker (its thread is a daemon)
+STUCK_S = 5.0  # the polling thread blocked this long: abandon the worker (its thread is a daemon)
 
 
 class SimCrash(BaseException):
@@ -161,6 +162,8 @@ class SimCluster:
         self.log: dict[int, list[InputRecord]] = {p: [] for p in range(partitions)}
         self.committed: dict[int, int] = {p: 0 for p in range(partitions)}
         self.ever_committed: set[int] = set()
+        self.published_by: dict[tuple[int, int], Any] = {}
+        self.epochs = 0
         self.outputs: list[Output] = []
         self.covered: dict[tuple[int, int], int] = {}  # (partition, offset) → outputs acknowledged for it
         self.hostile: set[tuple[int, int]] = set()
@@ -209,7 +212,8 @@ class SimCluster:
             self._seen.add((kind, message))
             self.violations.append(Violation(kind, message))
 
-    def publish(self, outputs: Sequence[Output]) -> None:
+    def publish(self, outputs: Sequence[Output], tag: Callable[[int], Any] | None = None) -> None:
+        """Outputs become visible downstream. `tag(partition)`: who published it (incarnation, assignment epoch)."""
         for out in outputs:
             self.outputs.append(out)
             source = _source_of(out)
@@ -217,6 +221,8 @@ class SimCluster:
                 self.violation("protocol", f"an output on {out.topic} without lineage")
                 continue
             self.covered[source] = self.covered.get(source, 0) + 1
+            if tag is not None:
+                self.published_by[source] = tag(source[0])
             if out.topic == DLQ and source not in self.hostile:
                 reason = parse_dead_letter(out.key, out.value, out.headers).get("error_class")
                 self.violation("blame", f"{source[0]}@{source[1]} (a good record) dead-lettered as {reason}")
@@ -276,6 +282,7 @@ class SimConsumer(_Client):
         self.assignment_: set[int] = set()
         self.position: dict[int, int] = {}
         self.read_upto: dict[int, int] = {}  # this assignment epoch: the offset after the last message returned
+        self.epoch: dict[int, int] = {}  # partition → its assignment epoch (cluster-wide counter)
         self.paused: set[int] = set()
         self.joined = False
         self.closed = False
@@ -298,6 +305,8 @@ class SimConsumer(_Client):
         if counted:
             self._enter("incremental_assign", crash_here=False)
         for tp in partitions:
+            self.cluster.epochs += 1
+            self.epoch[tp.partition] = self.cluster.epochs
             self.assignment_.add(tp.partition)
             self.position[tp.partition] = self.cluster.committed[tp.partition]
             self.read_upto[tp.partition] = self.cluster.committed[tp.partition]
@@ -305,6 +314,7 @@ class SimConsumer(_Client):
     def _unassign(self, partitions: Sequence[int]) -> None:
         for p in partitions:
             self.assignment_.discard(p)
+            self.epoch.pop(p, None)
             self.position.pop(p, None)
             self.read_upto.pop(p, None)
 
@@ -500,7 +510,7 @@ class SimProducer(_Client):
             if self.transactional:
                 self.txn_outputs.append(d.output)
             else:
-                self.cluster.publish([d.output])
+                self.cluster.publish([d.output], self.tag)
             d.on_delivery(None, None)
         return len(ready)
 
@@ -509,9 +519,12 @@ class SimProducer(_Client):
         transaction is aborted by the next init_transactions."""
         for i, d in enumerate(self.pending):
             if not self.transactional and _rng(self.plan.seed, "reached", self.life.number, i).random() < 0.5:
-                self.cluster.publish([d.output])
+                self.cluster.publish([d.output], self.tag)
         self.pending = []
         self.txn_outputs = []
+
+    def tag(self, partition: int) -> tuple[int, int | None]:
+        return self.life.number, self.consumer.epoch.get(partition)
 
     # transactions ---------------------------------------------------------------------------------------
     def init_transactions(self, timeout: float) -> None:
@@ -690,6 +703,7 @@ class Simulation:
         self.checked = {p: 0 for p in range(self.cluster.partitions)}
         self.events: list[str] = []
         self.finished = False
+        self.started = time.monotonic()
 
     # -------------------------------------------------------------------------------------------- ticks
     def _check(self) -> None:
@@ -714,7 +728,7 @@ class Simulation:
         self._check()
         if self.cluster.written < self.cluster.to_write and _rng(self.seed, "write", self.ticks).random() < WRITE_RATE:
             self.cluster.append()
-        if self.plan.faults_on and self.ticks >= FAULT_TICKS:
+        if self.plan.faults_on and (self.ticks >= FAULT_TICKS or now - self.started > FAULT_S):
             while self.cluster.written < self.cluster.to_write:
                 self.cluster.append()
             self.plan.faults_on = False
@@ -722,11 +736,13 @@ class Simulation:
         if self.plan.crash_allowed() and self.plan.fault("crash", self.life.number, "tick", self.ticks) and _rng(self.seed, "crash-tick", self.ticks).random() < 0.1:
             self.plan.crashes += 1
             self.life.dead = True
+            self.hangs.release_due(everything=True)  # the dead process's engine calls end with it
             raise SimCrash(f"crashed at tick {self.ticks}")
         if self.cluster.all_committed() and not self.plan.faults_on and self.cluster.written >= self.cluster.to_write:
             self.finished = True
             return True
         if self.quiet_since is not None and (self.ticks - self.quiet_since[0] > QUIET_TICKS or now - self.quiet_since[1] > QUIET_S):
+            self.hangs.release_due(everything=True)  # liveness has failed: let the stop be quick
             return True
         return False
 
@@ -772,7 +788,7 @@ class Simulation:
         return "exit", outcome.get("code")
 
     def run(self) -> Result:
-        started = time.monotonic()
+        started = self.started = time.monotonic()
         restarts = 0
         quiet_restarts = 0
         number = 0
@@ -797,7 +813,7 @@ class Simulation:
                 self.events.append(f"tick {self.ticks}: {label}")
                 if how == "crash":
                     producer.crashed()
-                    self._check_duplicates()
+                    self._check_duplicates(consumer)
                 elif how == "exception":
                     producer.crashed()
                 if how == "stuck":
@@ -826,8 +842,12 @@ class Simulation:
                         self.cluster.violation("loss", f"{p}@{o} finished without a summary or dead letter")
         return Result(self.seed, self.mode, self.guarantee, self.cluster.violations, self.ticks, restarts, time.monotonic() - started, self.events)
 
-    def _check_duplicates(self) -> None:
-        redo = [(p, o) for (p, o) in self.cluster.covered if o >= self.cluster.committed[p]]
+    def _check_duplicates(self, consumer: SimConsumer) -> None:
+        """What the crash leaves published but uncommitted, of the crashed worker's current assignment (records
+        published under an earlier assignment and not committed are a rebalance's duplicates, not the crash's)."""
+        assert self.life is not None
+        redo = [(p, o) for (p, o), tag in self.cluster.published_by.items()
+                if o >= self.cluster.committed[p] and tag == (self.life.number, consumer.epoch.get(p))]
         if len(redo) > self.dup_bound:
             self.cluster.violation("duplicates", f"a crash leaves {len(redo)} published records uncommitted (to be re-processed) > "
                                                  f"{self.dup_bound}")
