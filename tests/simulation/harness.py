@@ -29,6 +29,7 @@ Invariants (each violation is recorded with its class):
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 import threading
@@ -70,10 +71,10 @@ WRITE_RATE = 0.12  # per tick, until every record of the schedule is written
 MAX_CRASHES = 3
 QUIET_TICKS = 2000
 QUIET_S = 4.0
-RESPONSIVE_S = 1.0
+RESPONSIVE_S = 0.5
 MAX_RESTARTS = 12
 MAX_SCHEDULE_S = 25.0
-SHORT_HANG_S = 0.3
+SHORT_HANG_S = 0.6
 STUCK_S = 5.0  # the polling thread blocked this long: abandon the worker (its thread is a daemon)
 
 
@@ -667,7 +668,9 @@ class Result:
     events: list[str] = field(default_factory=list)
 
     def replay(self) -> str:
-        return f"SIM_SEED={self.seed} /work/venv/bin/python -m pytest tests/simulation -k '{self.mode} and {self.guarantee}'"
+        off = os.environ.get("SIM_FAULTS_OFF")
+        prefix = f"SIM_FAULTS_OFF={off} " if off else ""
+        return f"{prefix}SIM_SEED={self.seed} /work/venv/bin/python -m pytest tests/simulation -k '{self.mode} and {self.guarantee}'"
 
 
 def sim_settings(mode: str, guarantee: str) -> Settings:
