@@ -69,6 +69,7 @@ FAULT_TICKS = 300
 FAULT_S = 1.5  # the fault phase ends after FAULT_TICKS ticks or this long (a step can take 0.25 s while generation is full)
 WRITE_RATE = 0.12  # per tick, until every record of the schedule is written
 MAX_CRASHES = 3
+ENGINE_SCALE = 3.0
 QUIET_TICKS = 2000
 QUIET_S = 4.0
 RESPONSIVE_S = 0.5
@@ -148,8 +149,8 @@ class Plan:
     def crash_allowed(self) -> bool:
         return self.crashes < MAX_CRASHES
 
-    def fault(self, kind: str, *parts: Any) -> bool:
-        return self.faults_on and kind in self.kinds and _rng(self.plan_seed, kind, *parts).random() < self.rate
+    def fault(self, kind: str, *parts: Any, scale: float = 1.0) -> bool:
+        return self.faults_on and kind in self.kinds and _rng(self.plan_seed, kind, *parts).random() < self.rate * scale
 
     @property
     def plan_seed(self) -> int:
@@ -627,8 +628,9 @@ class SimEngine(ExtractiveEngine):
             kind, left = self._spell
             self._spell = (kind, left - 1) if left > 1 else None
             return kind
-        for kind in ("engine_raise", "engine_error", "engine_empty", "engine_count", "engine_hang", "engine_slow"):
-            if self.plan.fault(kind, self.life.number, "engine", self.calls):
+        for kind in ("engine_raise", "engine_error", "engine_empty", "engine_count", "engine_hang"):
+            # Engine calls are few (one per batch or step that finishes something): faults land on them more often.
+            if self.plan.fault(kind, self.life.number, "engine", self.calls, scale=ENGINE_SCALE):
                 length = _rng(self.plan.seed, "spell", self.life.number, self.calls).randint(1, 4)
                 self._spell = (kind, length - 1) if length > 1 else None
                 return kind
@@ -638,8 +640,9 @@ class SimEngine(ExtractiveEngine):
         self.calls += 1
         fault = self._fault()
         rng = _rng(self.plan.seed, "engine-detail", self.life.number, self.calls)
-        if fault == "engine_slow":
-            time.sleep(rng.uniform(0.01, 0.08))
+        # Slowness comes on top of any other fault (a slow call that then fails, say), in spells of its own.
+        if self.plan.faults_on and self.calls > 1 and self.plan.fault("engine_slow", self.life.number, "engine-slow", self.calls, scale=2 * ENGINE_SCALE):
+            time.sleep(rng.uniform(0.1, 0.6))
         if fault == "engine_hang":
             self.hangs.block(SHORT_HANG_S if rng.random() < 0.7 else 3600.0)
         if fault == "engine_raise":
@@ -707,6 +710,7 @@ class Simulation:
         self.events: list[str] = []
         self.finished = False
         self.started = time.monotonic()
+        self.max_gap = 0.0
 
     # -------------------------------------------------------------------------------------------- ticks
     def _check(self) -> None:
@@ -721,6 +725,7 @@ class Simulation:
     def _until(self) -> bool:
         now = time.monotonic()
         gap = now - self.last_tick
+        self.max_gap = max(self.max_gap, gap) if self.ticks else self.max_gap
         if self.ticks and gap > RESPONSIVE_S:
             self.cluster.violation("responsiveness", f"the polling thread was blocked {gap:.1f} s > {RESPONSIVE_S} s between two steps")
         self.last_tick = now
