@@ -1,5 +1,5 @@
 """Simulation settings from the environment: SIM_SEED (one seed), SIM_EXAMPLES (schedules per combination),
-SIM_FAULTS_OFF (fault classes to leave out, comma-separated)."""
+SIM_FAULTS_OFF (fault classes to leave out, comma-separated), SIM_FAULTS_ONLY (the only classes to use)."""
 
 from __future__ import annotations
 
@@ -23,4 +23,4 @@ def sim_seeds() -> list[int]:
 @pytest.fixture(scope="session")
 def sim_enabled() -> frozenset[str]:
     quiet_logs()
-    return enabled_kinds(os.environ.get("SIM_FAULTS_OFF"))
+    return enabled_kinds(os.environ.get("SIM_FAULTS_OFF"), os.environ.get("SIM_FAULTS_ONLY"))

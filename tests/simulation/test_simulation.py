@@ -2,7 +2,8 @@
 
 Each combination runs its schedules (SIM_EXAMPLES, default 25; SIM_SEED=S for one) and fails with every invariant
 violation grouped by class, each with a seed and the command that replays it. See harness.py for the model and the
-invariants; SIM_FAULTS_OFF=crash,engine_hang (or a prefix: hostile_) leaves fault classes out.
+invariants; SIM_FAULTS_OFF=crash,engine_hang (or a prefix: hostile_) leaves fault classes out, SIM_FAULTS_ONLY=...
+uses only those.
 """
 
 from __future__ import annotations
