@@ -14,6 +14,10 @@ replays is thread timing: the engine runs on the worker's own thread (micro_batc
 continuous: the feed's thread), so how many polling steps (ticks) and client calls happen while a call generates,
 and so which counter value a fault lands on, depends on the machine's load; backoff timers are wall-clock too.
 
+The group: one live worker at a time (a crash or an exit starts a fresh Worker with fresh clients, which resumes from
+the committed offsets). A rebalance may take partitions from it; they then belong to no live member (they are not
+processed elsewhere) until they come back, at the latest when the group settles once the faults stop.
+
 Invariants (each violation is recorded with its class):
   loss            every offset below a committed offset has an acknowledged summary or dead letter
   blame           only records the schedule made hostile/poison are ever dead-lettered
@@ -204,7 +208,9 @@ class SimCluster:
         if kind == "hostile_key":
             key = b"K" * 1_100_000
         if kind == "hostile_headers":
+            # Input headers reach the output only on a dead letter: make this record one (not Avro either).
             headers.append(("big", b"H" * 1_100_000))
+            value = b"not avro, and over 1 MB of headers"
         if value is None:
             value = CODEC.encode(event, EVENT_SCHEMA)
         return InputRecord(p, o, key, value, headers, kind)
