@@ -277,10 +277,12 @@ def _warm(engine: Engine, prompt: Prompt, copies: int = 1) -> None:
 class _Request:
     item: BatchItem
     submitted: float = field(default_factory=time.monotonic)
+    attempt: int = 1
 
 
-def request_id_of(source: SourceRecord) -> str:
-    return f"{source.topic}/{source.partition}/{source.offset}/{source.epoch}"
+def request_id_of(source: SourceRecord, attempt: int = 1) -> str:
+    base = f"{source.topic}/{source.partition}/{source.offset}/{source.epoch}"
+    return base if attempt == 1 else f"{base}/attempt-{attempt}"
 
 
 class ContinuousScheduler:
@@ -337,8 +339,12 @@ class ContinuousScheduler:
         if item.prompt is None:  # failed before the engine: done now (commit order is the checkpoint's business)
             self._done_now.append((item, item.error or ValueError("no prompt")))
             return
-        request_id = request_id_of(item.source)
-        self._requests[request_id] = _Request(item)
+        self._submit(item)
+
+    def _submit(self, item: BatchItem, attempt: int = 1) -> None:
+        assert item.prompt is not None
+        request_id = request_id_of(item.source, attempt)
+        self._requests[request_id] = _Request(item, attempt=attempt)
         self.feed.submit(request_id, item.prompt)
 
     def pending(self) -> int:
@@ -387,6 +393,11 @@ class ContinuousScheduler:
             outcome = accepted(result.outcome)
             self.last_batches.append(_stats([request.item], [outcome], time.monotonic() - request.submitted))
             if isinstance(outcome, EventGenerationError):
+                if request.attempt == 1 and request.item.prompt is not None:
+                    # A first failure gets a second try on its own request (as a micro-batch event gets one alone):
+                    # a transient engine error, or one that hit every request of a step, must not cost a good event.
+                    self._submit(request.item, attempt=2)
+                    continue
                 self._suspects.append((request.item, outcome))  # held until a summary or the probe clears it
                 continue
             if self._suspects and self._job is None:

@@ -54,19 +54,37 @@ def probe_with(engine: Engine, prompt: Prompt) -> Probe:
 
 
 def generate_isolated(engine: Engine, prompts: Sequence[Prompt], probe: Probe | None = None) -> list[Generation | EventGenerationError]:
-    """One outcome per prompt; raises EngineUnavailableError when the probe says the engine itself is broken."""
+    """One outcome per prompt; raises EngineUnavailableError when the probe says the engine itself is broken.
+
+    A call that raises or answers with the wrong number of outputs is bisected; every event whose outcome is then a
+    failure gets one more try on its own before it is blamed (a transient engine error, or one that hit every request
+    of a call, must not cost good events); when every event failed, the probe decides first."""
     if not prompts:
         return []
     try:
-        outputs = engine.generate(prompts)
+        outcomes = _attempt(engine, prompts)
     except Exception as exc:  # noqa: BLE001 - any engine exception is what bisection must contain
         if probe is not None:
             probe()  # the engine, not the batch? then stop here: bisecting a dead GPU would dead-letter everything
-        log.warning("generate() raised for a batch of %d; bisecting to isolate the failing event(s): %s", len(prompts), exc)
+        log.warning("generate() failed for a batch of %d; bisecting to isolate the failing event(s): %s", len(prompts), exc)
         outcomes = _bisect(engine, prompts)
     else:
-        outcomes = _one_outcome_per_prompt(engine, prompts, outputs)
+        outcomes = confirm_failures(outcomes, probe)
+        outcomes = _second_try_alone(engine, prompts, outcomes)
     return confirm_failures(outcomes, probe)
+
+
+def _second_try_alone(engine: Engine, prompts: Sequence[Prompt], outcomes: list[Outcome]) -> list[Outcome]:
+    """Each failed outcome of a batch call, once more on its own: the second failure alone is the event's."""
+    retried = list(outcomes)
+    for index, outcome in enumerate(outcomes):
+        if not isinstance(outcome, EventGenerationError):
+            continue
+        try:
+            retried[index] = _attempt(engine, [prompts[index]])[0]
+        except Exception as exc:  # noqa: BLE001 - raising on its own, after failing in the batch: the event's
+            retried[index] = EngineCallError(f"{type(exc).__name__}: {exc}")
+    return retried
 
 
 def confirm_failures(outcomes: list[Outcome], probe: Probe | None) -> list[Outcome]:
@@ -110,28 +128,32 @@ def _bisect(engine: Engine, prompts: Sequence[Prompt]) -> list[Generation | Even
     if len(prompts) == 1:
         # Failed alone: once more alone before it is blamed (a transient engine error must not cost a good event).
         try:
-            outputs = engine.generate(prompts)
+            return _attempt(engine, prompts)
         except Exception as exc:  # noqa: BLE001 - the second failure on its own is this event's
-            log.warning("generate() raised twice for one event on its own; it is that event's failure: %s", exc)
+            log.warning("generate() failed twice for one event on its own; it is that event's failure: %s", exc)
             return [EngineCallError(f"{type(exc).__name__}: {exc}")]
-        return _one_outcome_per_prompt(engine, prompts, outputs)
     middle = len(prompts) // 2
     return _isolate(engine, prompts[:middle]) + _isolate(engine, prompts[middle:])
 
 
 def _isolate(engine: Engine, prompts: Sequence[Prompt]) -> list[Generation | EventGenerationError]:
     try:
-        outputs = engine.generate(prompts)
+        outcomes = _attempt(engine, prompts)
     except Exception as exc:  # noqa: BLE001
-        log.debug("generate() raised for %d prompt(s): %s", len(prompts), exc)
+        log.debug("generate() failed for %d prompt(s): %s", len(prompts), exc)
         return _bisect(engine, prompts)
-    return _one_outcome_per_prompt(engine, prompts, outputs)
+    return _second_try_alone(engine, prompts, outcomes) if len(prompts) > 1 else outcomes
 
 
-def _one_outcome_per_prompt(engine: Engine, prompts: Sequence[Prompt], outputs: Sequence[Generation | EventGenerationError]) -> list[Generation | EventGenerationError]:
-    """One outcome per prompt; an empty summary is a failure, never a summary."""
+class OutputCountError(RuntimeError):
+    """generate() answered with another number of outputs than prompts: the call failed, whichever event caused it."""
+
+
+def _attempt(engine: Engine, prompts: Sequence[Prompt]) -> list[Outcome]:
+    """One generate() call: one accepted outcome per prompt, or it raises (a wrong output count counts as raising)."""
+    outputs = engine.generate(prompts)
     if len(outputs) != len(prompts):
-        raise RuntimeError(f"engine {engine.kind} returned {len(outputs)} outputs for {len(prompts)} prompts")
+        raise OutputCountError(f"engine {engine.kind} returned {len(outputs)} outputs for {len(prompts)} prompts")
     return [accepted(o) for o in outputs]
 
 

@@ -77,13 +77,42 @@ def test_an_empty_summary_is_a_failure_never_a_summary():
     assert sum(isinstance(o, Generation) for o in outputs) == len(events) - 1
 
 
-def test_a_count_mismatch_is_a_bug_not_a_dead_letter():
-    class Broken(ExtractiveEngine):
-        def generate(self, prompts):
-            return super().generate(prompts)[:-1]
+def test_a_wrong_output_count_is_a_failed_call_never_a_crash_nor_blamed_on_the_events():
+    from processor.engines.isolation import probe_with
+    from processor.errors import EngineUnavailableError
 
-    with pytest.raises(RuntimeError, match="outputs for"):
-        generate_isolated(Broken(), prompts_for(sample_events()))
+    class Miscounts(ExtractiveEngine):
+        """Drops an output on its first `bad` calls (the probe's included), then answers properly."""
+
+        def __init__(self, bad: int) -> None:
+            super().__init__()
+            self.bad = bad
+
+        def generate(self, prompts):
+            self.bad -= 1
+            outputs = super().generate(prompts)
+            return outputs[:-1] if self.bad >= 0 else outputs
+
+    prompts = prompts_for(sample_events())
+    transient = Miscounts(bad=1)
+    outcomes = generate_isolated(transient, prompts, probe_with(transient, prompts[0]))
+    assert all(isinstance(o, Generation) for o in outcomes), "a call that miscounted once is retried, nobody blamed"
+    broken = Miscounts(bad=10_000)
+    with pytest.raises(EngineUnavailableError):
+        generate_isolated(broken, prompts, probe_with(broken, prompts[0]))
+
+
+def test_every_event_failed_by_one_sick_call_gets_a_second_try_alone():
+    class SickOnce(ExtractiveEngine):
+        calls = 0
+
+        def generate(self, prompts):
+            self.calls += 1
+            outputs = super().generate(prompts)
+            return [EventGenerationError("sick") for _ in outputs] if self.calls == 1 else outputs
+
+    outcomes = generate_isolated(SickOnce(), prompts_for(sample_events()))
+    assert all(isinstance(o, Generation) for o in outcomes)
 
 
 def test_the_extractive_engine_streams_out_of_order_with_the_same_summaries():

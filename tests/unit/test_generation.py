@@ -415,3 +415,37 @@ def test_an_engine_call_past_its_deadline_ends_generation_with_engine_unavailabl
     finally:
         engine.gate.set()
         scheduler.close()
+
+
+class SilentOnceFor(ExtractiveEngine):
+    """An empty summary the first time each listed event is generated (a transient fault); fine after that."""
+
+    def __init__(self, silent: set[str]) -> None:
+        super().__init__()
+        self.silent = set(silent)
+
+    def generate(self, prompts):
+        outputs = []
+        for p, out in zip(prompts, super().generate(prompts)):
+            if p.event.event_id in self.silent:
+                self.silent.discard(p.event.event_id)
+                out = Generation("", "stop", p.prompt_tokens, 0)
+            outputs.append(out)
+        return outputs
+
+
+@pytest.mark.parametrize("mode", ["micro_batch", "continuous"])
+def test_an_event_that_failed_once_gets_a_second_try_before_it_is_blamed(mode):
+    scheduler = make_scheduler(mode, SilentOnceFor({"e1", "e3"}))
+    try:
+        for offset, prompt in enumerate(prompts(4)):
+            scheduler.add(item(offset, prompt))
+        done: list = []
+        deadline = time.monotonic() + 10
+        while len(done) < 4 and time.monotonic() < deadline:
+            done += scheduler.take()
+            scheduler.wait(0.01)
+        assert sorted(i.source.offset for i, _ in done) == [0, 1, 2, 3]
+        assert all(isinstance(o, Generation) for _, o in done), "a transient failure must not dead-letter a good event"
+    finally:
+        scheduler.close()
