@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from processor.batcher import SourceRecord
+from processor.source import SourceRecord
 from processor.errors import CommitFailedError, OutputUnavailableError, TransactionFatalError
 from processor.records import OutgoingRecord
 

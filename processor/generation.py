@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from processor.batcher import Batch, BatchItem, MicroBatcher, SourceRecord
+from processor.batcher import Batch, MicroBatcher
+from processor.source import BatchItem, SourceRecord
 from processor.engines.base import CallClock, Engine, EventGenerationError, Generation, Prompt, TimedEngine
 from processor.engines.isolation import PROBE_AFTER_FAILED_IN_A_ROW, FailurePolicy, accepted
 from processor.errors import EngineUnavailableError

@@ -31,11 +31,12 @@ from typing import Any, Callable
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, KafkaException, Message, TopicPartition
 
-from processor.batcher import BatchItem, MicroBatcher, SourceRecord
+from processor.batcher import MicroBatcher
+from processor.source import BatchItem, SourceRecord
 from processor.capacity import BatchLimits, resolve_batch_limits
 from processor.checkpoint import TP, AtLeastOnceCheckpoint, Checkpoint, Ownership, State, TransactionalCheckpoint
 from processor.clients import BrokerHealth, consumer_config, is_cooperative, make_consumer, make_producer, max_record_bytes, producer_config
-from processor.codec import SUMMARY_SCHEMA, make_codec
+from processor.codec import SUMMARY_SCHEMA, Codec, SchemaStore, SerializationContext, make_codec
 from processor.engines.base import Engine, EngineStartupError, Prompt, supports_streaming
 from processor.errors import EXIT_OK, BrokerUnavailableError, CommitFailedError, InfrastructureError, RegistryUnavailableError
 from processor.events import validate_event
@@ -43,7 +44,7 @@ from processor.generation import ContinuousScheduler, Done, MicroBatchScheduler,
 from processor.intake import Intake, source_of
 from processor.metrics import Metrics
 from processor.prompt import PromptBuilder
-from processor.records import OutgoingRecord, RecordBuilder, parse_dead_letter
+from processor.records import OutgoingRecord, RecordBuilder
 from processor.retry import Backoff
 from processor.settings import GenerationMode, ProcessingGuarantee, Settings
 from processor.sink import Sink
@@ -85,11 +86,11 @@ class Worker:
         consumer_overrides: dict[str, Any] | None = None,
         producer_overrides: dict[str, Any] | None = None,
         metrics: Metrics | None = None,
-        codec: Any = None,
+        codec: Codec | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
-        self.codec = codec or make_codec(settings.schema_registry_url, max_results=settings.max_event_results)
+        self.codec: Codec = codec or make_codec(settings.schema_registry_url, max_results=settings.max_event_results)
         self.metrics = metrics or Metrics()
         self.limits: BatchLimits = resolve_batch_limits(settings, engine.capacity())
         self.prompts = PromptBuilder(engine.tokenizer, settings.max_model_len, settings.sampling_max_tokens, settings.summary_language)
@@ -108,7 +109,7 @@ class Worker:
 
         self.intake = Intake(codec=self.codec, prompts=self.prompts, max_event_bytes=settings.max_event_bytes)
         self.records = RecordBuilder(
-            encode_summary=lambda record: self.codec.encode(record, SUMMARY_SCHEMA, settings.kafka_output_topic),
+            encode_summary=lambda record: self.codec.serialize(record, SerializationContext(settings.kafka_output_topic, SUMMARY_SCHEMA)),
             output_topic=settings.kafka_output_topic, dlq_topic=settings.kafka_dlq_topic, engine_kind=engine.kind,
             model=engine.model, prompt_version=self.prompts.version, max_record_bytes=max_record_bytes(producer_conf),
             citations=_citations(self.codec.store),
@@ -454,11 +455,10 @@ class Worker:
         log.debug("committed %d record(s): %s", count, offsets)
 
     def _log_dead_letter(self, record: OutgoingRecord) -> None:
-        fields = parse_dead_letter(record.key, record.value, record.headers)
-        log.warning("dead-lettered %s[%d]@%d: %s", record.source.topic, record.source.partition, record.source.offset, fields["error_class"],
+        log.warning("dead-lettered %s[%d]@%d: %s", record.source.topic, record.source.partition, record.source.offset, record.reason,
                     extra={"topic": record.source.topic, "partition": record.source.partition, "offset": record.source.offset,
-                           "event_id": fields.get("event_id"), "error_class": fields["error_class"],
-                           "error_message": fields.get("error_message", "")[:500]})
+                           "event_id": record.event_id, "error_class": record.reason,
+                           "error_message": (record.error_message or "")[:500]})
 
     # ---------------------------------------------------------------------------------------------- rebalance
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
@@ -600,7 +600,7 @@ class Worker:
         self.producer.flush(5)
 
 
-def _citations(store: Any) -> Callable[[Any, str], list[dict[str, Any]]] | None:
+def _citations(store: SchemaStore) -> Callable[[Any, str], list[dict[str, Any]]] | None:
     """The summary schema's `citations` field, where the deployed schema has it (v2 on)."""
     from processor.citations import cited_results
 

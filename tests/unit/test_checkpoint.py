@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import KafkaError
 
-from processor.batcher import SourceRecord
+from processor.source import SourceRecord
 from processor.checkpoint import AtLeastOnceCheckpoint, Ownership, TransactionalCheckpoint
 from processor.errors import CommitFailedError, OutputUnavailableError, TransactionFatalError
 from processor.records import OutgoingRecord

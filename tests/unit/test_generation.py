@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from processor.batcher import BatchItem, MicroBatcher, SourceRecord
+from processor.batcher import MicroBatcher
+from processor.source import BatchItem, SourceRecord
 from processor.engines.base import EventGenerationError, Generation
 from processor.engines.extractive import ExtractiveEngine
 from processor.continuous import ContinuousFeed
