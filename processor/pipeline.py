@@ -122,7 +122,7 @@ class Pipeline:
 
 def probe_prompt_of(prompts: PromptBuilder) -> Prompt:
     """The known-good prompt: the warm-up, and the probe that tells a broken engine from a poison record."""
-    from processor.samples import sample_events
+    from processor.ops.samples import sample_events
 
     return prompts.build(validate_event(sample_events()[1]))
 

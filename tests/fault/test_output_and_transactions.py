@@ -102,7 +102,7 @@ def test_exactly_once_commits_offsets_inside_the_transaction(broker, topics):
 
 def broker_honours_read_committed(bootstrap: str) -> bool:
     topic = f"txn-probe-{uuid.uuid4().hex[:8]}"
-    from processor.broker import ensure_topics
+    from processor.ops.broker import ensure_topics
 
     ensure_topics(bootstrap, {topic: 1})
     producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": f"probe-{uuid.uuid4().hex[:8]}"})

@@ -17,7 +17,7 @@ from processor.errors import EngineUnavailableError
 from processor.events import validate_event
 from processor.generation import ContinuousScheduler, MicroBatchScheduler
 from processor.prompt import PromptBuilder
-from processor.samples import sample_events
+from processor.ops.samples import sample_events
 
 
 class DyingEngine(ExtractiveEngine):

@@ -116,3 +116,20 @@ def test_type_checking_imports_are_not_edges_and_function_level_ones_are():
 
 def test_source_types_are_a_leaf():
     assert import_graph()["processor.source"] == set()
+
+
+def test_engines_import_nothing_from_above_them_nor_the_operator_tools():
+    graph = import_graph()
+    above = {"processor.prompt", "processor.loop", "processor.pipeline", "processor.intake", "processor.records"}
+    for name, imports in graph.items():
+        if name.startswith("processor.engines"):
+            assert not imports & above and not any(i.startswith("processor.ops") for i in imports), (name, imports)
+
+
+def test_the_worker_holds_no_generation_mode_or_guarantee_branch():
+    tree = ast.parse((ROOT / "loop.py").read_text())
+    tests = [n.test for n in ast.walk(tree) if isinstance(n, (ast.If, ast.IfExp, ast.While))]
+    tests += [n for n in ast.walk(tree) if isinstance(n, (ast.BoolOp, ast.Compare))]
+    names = {n.id for t in tests for n in ast.walk(t) if isinstance(n, ast.Name)}
+    names |= {n.attr for t in tests for n in ast.walk(t) if isinstance(n, ast.Attribute)}
+    assert not names & {"GenerationMode", "ProcessingGuarantee", "generation_mode", "processing_guarantee", "continuous", "transactional"}

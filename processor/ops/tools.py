@@ -17,7 +17,7 @@ from processor.codec import EVENT_SCHEMA, SUMMARY_SCHEMA, AvroCodec, Codec, Deco
 from processor.errors import OutputUnavailableError
 from processor.events import InvalidEventError, SearchEvent, validate_event
 from processor.failures import CommandError
-from processor.reachability import cluster_metadata, require_broker, require_topic, translate
+from processor.ops.reachability import cluster_metadata, require_broker, require_topic, translate
 from processor.records import parse_dead_letter
 
 _LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
