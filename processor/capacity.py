@@ -45,6 +45,7 @@ DEFAULT_LIMITS = {
     EngineKind.EXTRACTIVE: (64, 1_000_000),
     EngineKind.TRANSFORMERS: (8, 32_768),  # CPU: memory does not bound batching, time does
     EngineKind.VLLM: (16, 65_536),
+    EngineKind.OPENAI: (64, 1_000_000),  # the server batches; OPENAI_MAX_IN_FLIGHT bounds what it holds at once
 }
 
 

@@ -64,7 +64,7 @@ def _open_input(path: str) -> IO[str]:
 
 # ------------------------------------------------------------------------------------------------ commands
 def _run(_args: argparse.Namespace) -> int:
-    from processor.engines import create_engine
+    from processor.engines import attach_metrics, create_engine
     from processor.logs import configure_logging
     from processor.loop import Worker
 
@@ -72,6 +72,7 @@ def _run(_args: argparse.Namespace) -> int:
     configure_logging(settings.log_format, settings.log_level)
     engine = create_engine(settings)
     worker = Worker(settings, engine)
+    attach_metrics(engine, worker.metrics)  # ENGINE=openai: server latency, retries, /readyz on reachability
     if settings.metrics_port is not None:
         port = worker.metrics.serve(settings.metrics_port)
         log.info("metrics, /healthz and /readyz on port %d", port)

@@ -47,6 +47,19 @@ class Metrics:
         self.engine_idle = Counter("ai_worker_engine_idle_seconds", "Time the engine waited for a batch", registry=r)
         self.committed_offset = Gauge("ai_worker_committed_offset", "Last committed offset", ["topic", "partition"], registry=r)
         self.lag = Gauge("ai_worker_consumer_lag", "High watermark − committed offset", ["topic", "partition"], registry=r)
+        # ENGINE=openai: the server's side of generation.
+        self.server_request_latency = Histogram(
+            "ai_worker_server_request_seconds",
+            "Wall time of one request to the OpenAI-compatible server (ENGINE=openai), sent to answered",
+            buckets=(0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.server_in_flight = Gauge("ai_worker_server_requests_in_flight", "Requests the OpenAI-compatible server holds now", registry=r)
+        self.server_retries = Counter(
+            "ai_worker_server_retries", "Requests to the OpenAI-compatible server that failed as infrastructure and are "
+            "retried, by cause (connection, timeout, rate_limited, server_error, http_401/403/404, http_other)", ["cause"], registry=r,
+        )
+        self._server_reachable: Callable[[], bool] = lambda: True
         self._consumed_children: dict[int, Any] = {}
         self._heartbeat = time.monotonic()
         self._engine_loaded = False
@@ -66,6 +79,10 @@ class Metrics:
         """How long the engine call running now has not returned (asked at each /healthz, /readyz), and how long is
         too long (ENGINE_CALL_TIMEOUT_S)."""
         self._engine_stalled_for, self._engine_deadline_s = stalled_for, deadline_s
+
+    def watch_server(self, reachable: Callable[[], bool]) -> None:
+        """ENGINE=openai: whether the server answered last time (asked at each /readyz)."""
+        self._server_reachable = reachable
 
     def consumed(self, tp: tuple[str, int]) -> None:
         child = self._consumed_children.get(tp[1])
@@ -120,7 +137,11 @@ class Metrics:
 
     @property
     def is_ready(self) -> bool:
-        return self._engine_loaded and self._assigned and not self.engine_stalled
+        return self._engine_loaded and self._assigned and not self.engine_stalled and self.server_reachable
+
+    @property
+    def server_reachable(self) -> bool:
+        return self._server_reachable()
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         metrics = self
@@ -134,7 +155,10 @@ class Metrics:
                     self._reply(200 if healthy else 503, b"ok\n" if healthy else b"engine stalled\n" if stalled else b"loop stalled\n")
                 elif self.path.startswith("/readyz"):
                     ready, stalled = metrics.is_ready, metrics.engine_stalled
-                    self._reply(200 if ready else 503, b"ready\n" if ready else b"engine stalled\n" if stalled else b"engine loading or no partitions\n")
+                    why = b"engine stalled\n" if stalled else b"engine loading or no partitions\n"
+                    if not ready and not stalled and not metrics.server_reachable:
+                        why = b"server unreachable\n"
+                    self._reply(200 if ready else 503, b"ready\n" if ready else why)
                 else:
                     self._reply(404, b"not found\n")
 

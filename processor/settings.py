@@ -28,6 +28,7 @@ class EngineKind(str, Enum):
     EXTRACTIVE = "extractive"
     TRANSFORMERS = "transformers"
     VLLM = "vllm"
+    OPENAI = "openai"  # any OpenAI-compatible server: vllm serve, Ollama, llama.cpp, TGI, NIM
 
 
 class GenerationMode(str, Enum):
@@ -107,7 +108,7 @@ class Settings(BaseSettings):
     # Engine and model (names from the ADR)
     engine: EngineKind = EngineKind.EXTRACTIVE
     generation_mode: GenerationMode = Field(
-        GenerationMode.MICRO_BATCH, description="micro_batch (default) or continuous (ENGINE=vllm or extractive)"
+        GenerationMode.MICRO_BATCH, description="micro_batch (default) or continuous (ENGINE=vllm, openai or extractive)"
     )
     continuous_refill_min: int | None = Field(
         None, ge=1, description="continuous: refill the engine once this many sequence slots are free (default: window/8)"
@@ -128,6 +129,20 @@ class Settings(BaseSettings):
     transformers_model: str | None = Field(None, description="model path or name for ENGINE=transformers; VLLM_MODEL when unset")
     transformers_device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     transformers_dtype: str = Field("auto", pattern="^(auto|float32|float16|bfloat16)$")
+
+    # ENGINE=openai: an OpenAI-compatible server (the official client's variable names for the address and the key)
+    openai_base_url: str = Field("http://localhost:8000/v1", description="ENGINE=openai: the server's API root, up to /v1")
+    openai_api_key: SecretStr | None = Field(None, description="ENGINE=openai: sent as a Bearer token; a secret, never logged")
+    openai_model: str | None = Field(None, description="ENGINE=openai: the served model's name (its /v1/models id); VLLM_MODEL when unset")
+    openai_max_in_flight: int = Field(64, ge=1, description="ENGINE=openai: requests sent to the server at once, at most")
+    openai_timeout_s: float = Field(
+        180.0, gt=0, description="ENGINE=openai: one request's deadline, connect to last byte; a server that accepts and "
+        "never answers is an infrastructure failure after this long",
+    )
+    openai_tokenizer: str | None = Field(
+        None, description="ENGINE=openai: a local Hugging Face tokenizer (the served model's) for exact packing; unset: the "
+        "server's /tokenize where it has one (vLLM), else an estimate of one token per 3 ASCII or 1 other character",
+    )
 
     # Sampling (ADR: temperature 0.7, top_p 0.9, max_tokens 1536)
     sampling_temperature: float = Field(0.7, ge=0.0)
@@ -172,6 +187,11 @@ class Settings(BaseSettings):
                 "GENERATION_MODE=continuous needs an engine that takes requests one by one (ENGINE=vllm, or the "
                 "model-free ENGINE=extractive); ENGINE=transformers runs GENERATION_MODE=micro_batch only"
             )
+        if self.engine is EngineKind.OPENAI and self.openai_timeout_s >= self.engine_call_timeout_s:
+            raise ValueError(
+                "OPENAI_TIMEOUT_S must be below ENGINE_CALL_TIMEOUT_S: a request's own deadline must end it before the "
+                "engine call is taken for hung"
+            )
         if self.kafka_sasl_mechanism and not self.kafka_security_protocol.startswith("SASL"):
             raise ValueError("KAFKA_SASL_MECHANISM needs KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT or SASL_SSL")
         return self
@@ -184,6 +204,10 @@ class Settings(BaseSettings):
             alias = info.validation_alias
             names[name] = (alias.choices[0] if isinstance(alias, AliasChoices) else alias or name).upper()
         return names
+
+    @property
+    def model_for_openai(self) -> str:
+        return self.openai_model or self.model
 
     @property
     def model_for_transformers(self) -> str:
@@ -232,7 +256,7 @@ def load_settings(**overrides: Any) -> Settings:
             location = "_".join(str(part) for part in error["loc"]).upper() or "settings"
             if not error["loc"]:
                 problems.append(error["msg"])
-            elif "PASSWORD" in location:  # never echo a secret back into logs
+            elif "PASSWORD" in location or "API_KEY" in location:  # never echo a secret back into logs
                 problems.append(f"{location}: {error['msg']}")
             else:
                 problems.append(f"{location}: {error['msg']} (got {error.get('input')!r})")
