@@ -319,7 +319,7 @@ def _replay(args: argparse.Namespace) -> int:
         progress.close()
         engine.close()
     print(f"backfill {'complete' if complete else 'stopped'}: {done} of {total} records reprocessed "
-          f"(prompt_version {worker.prompts.version}, model {engine.model})", file=sys.stderr)
+          f"(prompt_version {worker.pipeline.prompt_version}, model {engine.model})", file=sys.stderr)
     if code:
         return code
     if not complete:

@@ -49,6 +49,11 @@ class Pipeline:
         self.log_batches = log_batches
         self.probe_prompt = probe_prompt
 
+    @property
+    def prompt_version(self) -> str:
+        """The prompt templates' version, carried by every summary (replay names it)."""
+        return self.intake.prompts.version
+
     def warm_up(self) -> None:
         """One sample generate() on the engine's own thread, at the shape it will run (see make_pipeline)."""
         self.scheduler.warm_up(self.probe_prompt, self.warm_up_copies)

@@ -84,3 +84,14 @@ def test_the_window_is_the_batch_in_micro_batch_mode_and_what_the_engine_holds_i
     finally:
         micro.close()
         continuous.close()
+
+
+def test_the_pipeline_names_its_prompt_version_for_replay():
+    from processor.prompt import PromptBuilder
+
+    engine = ExtractiveEngine()
+    pipeline = make_pipeline(load_settings(generation_mode="micro_batch"), engine, CODEC)
+    settings = load_settings()
+    expected = PromptBuilder(engine.tokenizer, settings.max_model_len, settings.sampling_max_tokens, settings.summary_language).version
+    assert pipeline.prompt_version == expected
+    pipeline.close()
