@@ -41,13 +41,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import processor.loop  # noqa: E402
-from processor.broker import EmbeddedBroker, ensure_topics  # noqa: E402
+from processor.ops.broker import EmbeddedBroker, ensure_topics  # noqa: E402
 from processor.engines.base import Generation, Prompt  # noqa: E402
 from processor.events import validate_event  # noqa: E402
 from processor.loop import Worker  # noqa: E402
 from processor.prompt import PromptBuilder  # noqa: E402
 from processor.settings import load_settings  # noqa: E402
-from processor.tools import produce_events  # noqa: E402
+from processor.ops.tools import produce_events  # noqa: E402
 
 FAST_GROUP = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 
@@ -441,7 +441,7 @@ def main() -> int:
 
     model_dir = args.model
     if args.engine == "transformers" and not model_dir:
-        from processor.engines.tiny_model import QWEN25_05B, build_tiny_chat_model, sample_corpus
+        from processor.ops.tiny_model import QWEN25_05B, build_tiny_chat_model, sample_corpus
 
         model_dir = tempfile.mkdtemp(prefix="qwen25-05b-random-")
         shape = {} if args.tiny else dict(QWEN25_05B, dtype="bfloat16")

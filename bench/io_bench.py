@@ -29,13 +29,13 @@ sys.path.insert(0, str(ROOT))
 
 from confluent_kafka import Consumer, Producer  # noqa: E402
 
-from processor.broker import EmbeddedBroker, ensure_topics  # noqa: E402
+from processor.ops.broker import EmbeddedBroker, ensure_topics  # noqa: E402
 from processor.codec import EVENT_SCHEMA, SUMMARY_SCHEMA, AvroCodec  # noqa: E402
 from processor.engines.base import ChatMessage, Encoded, Generation, Prompt  # noqa: E402
 from processor.loop import Worker  # noqa: E402
 from processor.metrics import Metrics  # noqa: E402
 from processor.settings import load_settings  # noqa: E402
-from processor.tools import produce_events  # noqa: E402
+from processor.ops.tools import produce_events  # noqa: E402
 
 FAST_GROUP = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 RESULTS = ROOT / "bench" / "results"

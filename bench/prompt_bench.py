@@ -37,7 +37,7 @@ from processor.engines.extractive import RegexTokenizer  # noqa: E402
 from processor.engines.hf_tokenizer import HFChatTokenizer  # noqa: E402
 from processor.events import SearchEvent, validate_event  # noqa: E402
 from processor.prompt import PromptBuilder, PromptTooLongError  # noqa: E402
-from processor.samples import SAMPLE_EVENTS  # noqa: E402
+from processor.ops.samples import SAMPLE_EVENTS  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_LEN, DEFAULT_MAX_TOKENS = 6144, 1536  # the worker's defaults: a 4,608-token budget
@@ -170,7 +170,7 @@ def _in_child(run: Callable[[], dict[str, Any]], timeout: float) -> dict[str, An
 def tokenizers(model_dir: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from processor.engines.tiny_model import build_tiny_chat_model, sample_corpus
+    from processor.ops.tiny_model import build_tiny_chat_model, sample_corpus
 
     if not (model_dir / "tokenizer.json").exists():
         build_tiny_chat_model(model_dir, sample_corpus())

@@ -89,10 +89,10 @@ class IntakeWatch:
         watch, original = self, self._original
 
         def consume(worker: loop.Worker) -> None:
-            uncommitted = len(worker.checkpoint.tracker)
+            uncommitted = worker.checkpoint.uncommitted
             watch.max_uncommitted = max(watch.max_uncommitted, uncommitted)
             bound = worker.max_uncommitted
-            stopped = bound is not None and uncommitted >= bound and worker.scheduler.wanted() > 0
+            stopped = bound is not None and uncommitted >= bound and worker.pipeline.wanted() > 0
             watch.stops += stopped and not watch._stopped
             watch._stopped = stopped
             original(worker)

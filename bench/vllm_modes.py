@@ -65,7 +65,7 @@ def build_tokenizer(directory: Path, vocab_size: int) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from processor.engines.tiny_model import CHATML_TEMPLATE
+    from processor.ops.tiny_model import CHATML_TEMPLATE
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {symbol: i for i, symbol in enumerate(alphabet)}

@@ -13,38 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from processor.engines.base import Prompt
-
-
-@dataclass(frozen=True)
-class SourceRecord:
-    """Where a consumed record came from, and its original bytes (kept for the DLQ and lineage)."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp_ms: int | None
-    headers: tuple[tuple[str, bytes], ...] = ()
-    epoch: int = 0  # the partition's assignment epoch when consumed; stale after a revoke
-    # Why the headers could not be read (a header name that is not UTF-8, say), else None; `headers` is then empty.
-    unreadable_headers: str | None = None
-
-
-@dataclass(frozen=True)
-class BatchItem:
-    source: SourceRecord
-    prompt: Prompt | None = None
-    error: Exception | None = None  # set when the record failed before the engine
-    decoded_event_id: str | None = None  # known for records that decoded but failed later
-
-    @property
-    def event_id(self) -> str | None:
-        return self.prompt.event.event_id if self.prompt else self.decoded_event_id
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self.prompt.prompt_tokens if self.prompt else 0
+from processor.source import BatchItem, SourceRecord
 
 
 @dataclass

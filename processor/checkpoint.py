@@ -1,261 +1,241 @@
-"""The checkpoint: which input offsets may be committed, in what order, by whom (after quix-streams' Checkpoint).
+"""The checkpoint: which input offsets are committed, when, and by whom (after quix-streams' BaseCheckpoint) — the
+whole offset lifecycle behind one interface, so the loop never looks inside it.
 
-Every consumed record is tracked from the moment it is read until its offset is committed:
+    track (read) → finish (output built) → release / publish (to the sink) → acked (on the broker) → commit
 
-    pending ──(its summary or dead letter is built)──▶ finished ──(handed to the sink)──▶ released ──(acked)──▶ acked
-
-Per partition only the contiguous prefix of acked offsets is committed, so work that finishes out of order
-(continuous generation) never commits past a record whose output is not safely on the broker. Ownership rides
-along: a partition's records carry the assignment epoch they were read under; after a revoke the partition's
-track is dropped, and anything of the old epoch is neither released nor committed by this worker.
-
-Two implementations share one interface: `AtLeastOnceCheckpoint` (outputs acked, then the consumer commits) and
-`TransactionalCheckpoint` (outputs and offsets commit atomically in one producer transaction). A failed commit
-raises CommitFailedError and the worker holds: nothing new is released until a retry succeeds.
+`BaseCheckpoint` owns that lifecycle, ownership epochs (tracking.py) and the one `CommitPolicy` — when to commit
+(interval, or at once at the uncommitted bound or when nothing is left to finish), how much may be read and not yet
+committed (one bound for both generation modes), and how failed commits are retried. The guarantee is a variant on
+top: `AtLeastOnceCheckpoint` (outputs go out through its sink as they finish; the consumer commits each partition's
+acked prefix) or `TransactionalCheckpoint` (outputs and offsets commit atomically in one producer transaction).
+`make_checkpoint` picks the variant from the settings. A failed commit holds the pipeline: nothing new is released
+until a retry succeeds, and after `give_up_after_s` CommitFailedError ends the worker.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from enum import IntEnum
-from typing import Any, Callable, Iterable, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from processor.batcher import SourceRecord
 from processor.errors import CommitFailedError, OutputUnavailableError, TransactionFatalError
 from processor.records import OutgoingRecord
+from processor.retry import Backoff
+from processor.settings import GenerationMode, ProcessingGuarantee, Settings
+from processor.sink import Sink
+from processor.source import TP, SourceRecord
+from processor.tracking import OffsetTracker, Ownership, State
 
 log = logging.getLogger(__name__)
 
-TP = tuple[str, int]
+__all__ = ["TP", "State", "Ownership", "OffsetTracker", "CommitPolicy", "BaseCheckpoint", "AtLeastOnceCheckpoint",
+           "TransactionalCheckpoint", "make_checkpoint", "UNCOMMITTED_WINDOWS"]
+
+# Records read but not committed ≤ this many windows (the engine's unit of work: a micro-batch, or the requests the
+# continuous engine holds) unless CONTINUOUS_MAX_UNCOMMITTED says otherwise (the duplicate bound after a crash).
+# Out-of-order completion piles finished-but-uncommitted records up behind a partition's slowest request: about the
+# engine's throughput × that request's time, with summary lengths of median ~270 and a tail to 1,536 tokens up to ~5
+# windows (~300 records at a window of 64). bench/uncommitted_bound.py: four windows stopped reading 10 times in 1,000
+# events and cost the engine 1-2 % more steps; eight never; one window ran the engine at 0.4 of its speed. In
+# micro_batch mode two batches at a time (one generating, one waiting) are all the scheduler reads, so it never binds.
+UNCOMMITTED_WINDOWS = 8
+# Continuous generation finishes a request at a time: committing on every one would be a commit per record.
+CONTINUOUS_COMMIT_EVERY_S = 0.2
 
 
-class State(IntEnum):
-    PENDING = 0
-    FINISHED = 1
-    RELEASED = 2
-    ACKED = 3
+@dataclass(frozen=True)
+class CommitPolicy:
+    """When to commit and how much may wait uncommitted: asked by the checkpoint alone (arroyo's CommitPolicy,
+    quix's "expired() or force")."""
 
+    interval_s: float = 0.0  # commit at most this often ...
+    max_uncommitted: int | None = None  # ... unless this many records are read and uncommitted (None: windows × window)
+    uncommitted_windows: int = UNCOMMITTED_WINDOWS
+    # Release nothing new while anything released is uncommitted: a crash duplicates at most one micro-batch.
+    one_release_at_a_time: bool = False
+    retry_first_s: float = 0.5  # a failed commit is retried after this, doubling ...
+    give_up_after_s: float = 60.0  # ... until commits have failed this long
 
-@dataclass
-class _Entry:
-    source: SourceRecord
-    state: State = State.PENDING
-    record: OutgoingRecord | None = None
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "CommitPolicy":
+        continuous = settings.generation_mode is GenerationMode.CONTINUOUS
+        return cls(interval_s=CONTINUOUS_COMMIT_EVERY_S if continuous else 0.0,
+                   max_uncommitted=settings.continuous_max_uncommitted if continuous else None,
+                   one_release_at_a_time=not continuous, give_up_after_s=settings.broker_unavailable_timeout_s)
 
+    def bound(self, window: int) -> int:
+        """Records read and not committed, at most, for an engine whose unit of work is `window` records."""
+        return self.max_uncommitted or self.uncommitted_windows * max(1, window)
 
-@dataclass
-class _Partition:
-    epoch: int
-    entries: "OrderedDict[int, _Entry]" = field(default_factory=OrderedDict)  # offset → entry, in offset order
-    committed: int | None = None  # the last offset this worker committed (next to read)
-    unreleased: int = 0  # entries FINISHED and not yet released: releasable() skips a partition with none
-
-
-class Ownership:
-    """Assignment epochs: a record is this worker's only while its partition's epoch is the one it was read under."""
-
-    def __init__(self) -> None:
-        self._epochs: dict[TP, int] = {}
-        self._counter = 0
-
-    def assign(self, tps: Iterable[TP]) -> None:
-        for tp in tps:
-            self._counter += 1
-            self._epochs[tp] = self._counter
-
-    def revoke(self, tps: Iterable[TP]) -> None:
-        for tp in tps:
-            self._epochs.pop(tp, None)
-
-    def epoch(self, tp: TP) -> int | None:
-        return self._epochs.get(tp)
-
-    def owns(self, source: SourceRecord) -> bool:
-        return self._epochs.get((source.topic, source.partition)) == source.epoch
-
-    @property
-    def partitions(self) -> list[TP]:
-        return sorted(self._epochs)
-
-
-class OffsetTracker:
-    """Per partition, the records read and not yet committed, each with its state, in offset order."""
-
-    def __init__(self, ownership: Ownership) -> None:
-        self.ownership = ownership
-        self._partitions: dict[TP, _Partition] = {}
-
-    def track(self, source: SourceRecord) -> None:
-        tp = (source.topic, source.partition)
-        partition = self._partitions.get(tp)
-        if partition is None or partition.epoch != source.epoch:
-            partition = self._partitions[tp] = _Partition(source.epoch)
-        partition.entries[source.offset] = _Entry(source)
-
-    def _entry(self, source: SourceRecord) -> _Entry | None:
-        partition = self._partitions.get((source.topic, source.partition))
-        if partition is None or partition.epoch != source.epoch or not self.ownership.owns(source):
-            return None
-        return partition.entries.get(source.offset)
-
-    def finish(self, source: SourceRecord, record: OutgoingRecord) -> bool:
-        """Attach a finished record's output; False when it is no longer this worker's (revoked meanwhile)."""
-        entry = self._entry(source)
-        if entry is None or entry.state is not State.PENDING:
-            return False
-        entry.state, entry.record = State.FINISHED, record
-        self._partitions[(source.topic, source.partition)].unreleased += 1
-        return True
-
-    def acked(self, source: SourceRecord) -> None:
-        entry = self._entry(source)
-        if entry is not None and entry.state is State.RELEASED:
-            entry.state = State.ACKED
-
-    def releasable(self, in_offset_order: bool) -> list[OutgoingRecord]:
-        """Finished outputs that may go to the sink now, marked released.
-
-        `in_offset_order`: only each partition's finished prefix (exactly-once: a transaction must not carry an
-        output whose offset it does not commit). Otherwise every finished output, except one whose key is shared
-        with an earlier unfinished record of its partition, so that per-key order holds downstream.
-        """
-        out: list[OutgoingRecord] = []
-        for tp, partition in self._partitions.items():
-            if not partition.unreleased or self.ownership.epoch(tp) != partition.epoch:
-                continue  # nothing finished waits here: no walk over its (up to four windows of) entries
-            blocked_keys: set[bytes] = set()
-            for entry in partition.entries.values():
-                if entry.state is State.PENDING:
-                    if in_offset_order:
-                        break
-                    if entry.source.key is not None:
-                        blocked_keys.add(entry.source.key)
-                    continue
-                if entry.state is State.FINISHED:
-                    if entry.source.key is not None and entry.source.key in blocked_keys:
-                        continue
-                    assert entry.record is not None
-                    entry.state = State.RELEASED
-                    partition.unreleased -= 1
-                    out.append(entry.record)
-        return out
-
-    def committable(self, upto: State = State.ACKED) -> dict[TP, int]:
-        """Per owned partition, the offset after its contiguous prefix of records in state ≥ `upto` (if any)."""
-        offsets: dict[TP, int] = {}
-        for tp, partition in self._partitions.items():
-            if self.ownership.epoch(tp) != partition.epoch:
-                continue
-            end = None
-            for offset, entry in partition.entries.items():
-                if entry.state < upto:
-                    break
-                end = offset + 1
-            if end is not None:
-                offsets[tp] = end
-        return offsets
-
-    def committed(self, offsets: dict[TP, int]) -> int:
-        """Forget what was committed; return how many records that was."""
-        count = 0
-        for tp, end in offsets.items():
-            partition = self._partitions.get(tp)
-            if partition is None:
-                continue
-            while partition.entries and next(iter(partition.entries)) < end:
-                partition.entries.popitem(last=False)
-                count += 1
-            partition.committed = end
-        return count
-
-    def first_offsets(self) -> dict[TP, int]:
-        """Per owned partition, the first offset read and not yet committed (where a rewind must start)."""
-        return {tp: next(iter(p.entries)) for tp, p in self._partitions.items()
-                if p.entries and self.ownership.epoch(tp) == p.epoch}
-
-    def drop(self, tps: Iterable[TP]) -> None:
-        for tp in tps:
-            self._partitions.pop(tp, None)
-
-    def __len__(self) -> int:
-        """Records read and not yet committed."""
-        return sum(len(partition.entries) for partition in self._partitions.values())
-
-    def counts(self) -> dict[State, int]:
-        totals = {state: 0 for state in State}
-        for partition in self._partitions.values():
-            for entry in partition.entries.values():
-                totals[entry.state] += 1
-        return totals
-
-    def uncommitted_published(self) -> int:
-        counts = self.counts()
-        return counts[State.RELEASED] + counts[State.ACKED]
-
-    def last_committed(self) -> dict[TP, int]:
-        return {tp: p.committed for tp, p in self._partitions.items() if p.committed is not None}
-
-
-class Checkpoint(Protocol):
-    """What the worker needs from a checkpoint, whatever the processing guarantee."""
-
-    ownership: Ownership
-    tracker: OffsetTracker
-    committed_offsets: dict[TP, int]
-    records_committed: int
-    holding: bool  # a commit failed: nothing new is released until one succeeds
-    needs_rewind: bool  # a transaction was aborted: re-read from the committed offsets
-
-    def release(self) -> list[OutgoingRecord]:
-        """Outputs to hand to the sink now (empty while holding after a failed commit)."""
-        ...
-
-    def commit(self, force: bool = False) -> None:
-        """Commit what is safe to commit; raises CommitFailedError (hold and retry) or TransactionFatalError."""
-        ...
-
-    def before_revoke(self, tps: list[TP]) -> None: ...
+    def due(self, *, since_last_s: float, uncommitted: int, window: int, idle: bool) -> bool:
+        """Commit now? When the interval has passed, or when waiting gains nothing: at the bound reading has stopped
+        until a commit makes room, and with nothing left to finish no more finishes are coming to share the commit."""
+        return since_last_s >= self.interval_s or uncommitted >= self.bound(window) or idle
 
 
 def _to_topic_partitions(offsets: dict[TP, int]) -> list[TopicPartition]:
     return [TopicPartition(topic, partition, offset) for (topic, partition), offset in sorted(offsets.items())]
 
 
-class AtLeastOnceCheckpoint:
-    """Outputs go out as they finish; the consumer commits each partition's acked prefix (synchronously).
+class BaseCheckpoint:
+    """The offset lifecycle and the commit policy; a variant implements `commit()` (and publishing, if it has a
+    sink of its own). `window` is the engine's unit of work now (the pipeline's), for the uncommitted bound."""
 
-    `one_batch_at_a_time`: release nothing new while anything released is uncommitted, so that a crash duplicates
-    at most one batch (micro-batch mode). In continuous mode the bound is the in-flight window instead.
-    """
-
-    def __init__(self, *, consumer: Any, ownership: Ownership, one_batch_at_a_time: bool, min_commit_interval_s: float = 0.0,
+    def __init__(self, *, ownership: Ownership, policy: CommitPolicy, window: Callable[[], int] = lambda: 1,
+                 on_acknowledged: Callable[[OutgoingRecord], None] | None = None,
                  on_committed: Callable[[dict[TP, int], int], None] | None = None) -> None:
-        self.consumer = consumer
         self.ownership = ownership
+        self.policy = policy
+        self.window = window
         self.tracker = OffsetTracker(ownership)
-        self.one_batch_at_a_time = one_batch_at_a_time
-        self.min_commit_interval_s = min_commit_interval_s
+        self.on_acknowledged = on_acknowledged
         self.on_committed = on_committed
         self.committed_offsets: dict[TP, int] = {}
         self.records_committed = 0
-        self.holding = False  # a commit failed: release nothing until one succeeds
-        self.needs_rewind = False  # never: without a transaction there is nothing to abort
+        self.holding = False  # a commit failed: nothing new is released until one succeeds
+        self.needs_rewind = False  # a transaction was aborted: the loop re-reads from the committed offsets
+        self.retry = Backoff(give_up_after_s=policy.give_up_after_s, first_s=policy.retry_first_s)
         self._last_commit = 0.0
 
+    # ------------------------------------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Before the first record is read."""
+
+    def track(self, source: SourceRecord) -> None:
+        self.tracker.track(source)
+
+    def finish(self, source: SourceRecord, record: OutgoingRecord) -> bool:
+        """Attach a finished record's output; False when it is no longer this worker's (revoked meanwhile)."""
+        return self.tracker.finish(source, record)
+
+    def acked(self, record: OutgoingRecord) -> None:
+        """The broker acknowledged an output (the sink's callback)."""
+        self.tracker.acked(record.source)
+        if self.on_acknowledged is not None:
+            self.on_acknowledged(record)
+
+    def drop(self, tps: Iterable[TP]) -> None:
+        """Partitions revoked or lost: forget their records (their new owner reads them)."""
+        self.tracker.drop(tps)
+
+    def first_offsets(self) -> dict[TP, int]:
+        """Per owned partition, the first offset read and not yet committed (where a rewind must start)."""
+        return self.tracker.first_offsets()
+
+    def rewound(self) -> None:
+        self.needs_rewind = False
+
+    @property
+    def uncommitted(self) -> int:
+        """Records read and not yet committed."""
+        return len(self.tracker)
+
+    @property
+    def max_uncommitted(self) -> int:
+        return self.policy.bound(self.window())
+
+    def room(self) -> int:
+        """Records that may be read now: none while holding after a failed commit, else up to the bound."""
+        return 0 if self.holding else max(0, self.max_uncommitted - self.uncommitted)
+
+    @property
+    def finished_waiting(self) -> int:
+        """Outputs built and not yet handed on (waiting behind a commit)."""
+        return self.tracker.counts()[State.FINISHED]
+
+    # ------------------------------------------------------------------------------------------- publishing
+    @property
+    def delivering(self) -> bool:
+        """Outputs on their way to the broker (the loop then polls for acknowledgements rather than sleeps)."""
+        return False
+
+    def publish(self) -> None:
+        """Hand what may go out now to the sink and serve its acknowledgements; raises OutputUnavailableError."""
+
+    def serve(self, timeout: float) -> None:
+        """Wait up to `timeout` for acknowledgements."""
+
+    def flush(self, timeout: float) -> None:
+        """Get every output out and acknowledged, up to `timeout`; raises OutputUnavailableError."""
+
+    # ------------------------------------------------------------------------------------------- committing
+    def maybe_commit(self, *, idle: bool = False, force: bool = False) -> None:
+        """Commit what is safe, when the policy says so (or `force`): the loop asks on every step, `idle` when nothing
+        is left to finish. A failed commit holds the pipeline and is retried with backoff; CommitFailedError once
+        commits have failed for longer than the policy allows, TransactionFatalError or OutputUnavailableError at once."""
+        if self.retry.failing and not self.retry.due() and not force:
+            return
+        due = self.policy.due(since_last_s=time.monotonic() - self._last_commit, uncommitted=self.uncommitted,
+                              window=self.window(), idle=idle)
+        if not (force or self.holding or due):
+            return  # before walking the tracker: the loop asks on every step
+        try:
+            self.commit()
+        except CommitFailedError as exc:
+            if not self.retry.failed():
+                raise
+            log.warning("%s; holding the pipeline, retry %d in %.1f s", exc, self.retry.attempts, self.retry.next_at - time.monotonic())
+            return
+        self.retry.succeeded()
+
+    def commit(self) -> None:
+        """Commit what is safe to commit now; raises CommitFailedError (hold and retry), TransactionFatalError or
+        OutputUnavailableError."""
+        raise NotImplementedError
+
+    def _committed(self, offsets: dict[TP, int]) -> None:
+        self.holding = False
+        self._last_commit = time.monotonic()
+        count = self.tracker.committed(offsets)
+        self.records_committed += count
+        self.committed_offsets.update(offsets)
+        if self.on_committed:
+            self.on_committed(offsets, count)
+
+    def before_revoke(self, tps: list[TP]) -> None:
+        """Still the owner of `tps`: whatever lets the next owner start after this worker's work."""
+
+
+class AtLeastOnceCheckpoint(BaseCheckpoint):
+    """Outputs go out through the sink as they finish; the consumer commits each partition's acked prefix
+    (synchronously). With the policy's `one_release_at_a_time`, nothing new is released while anything released is
+    uncommitted, so that a crash duplicates at most one batch (micro-batch mode)."""
+
+    def __init__(self, *, consumer: Any, sink: Sink | None = None, **base: Any) -> None:
+        super().__init__(**base)
+        self.consumer = consumer
+        self.sink = sink
+
     def release(self) -> list[OutgoingRecord]:
-        if self.holding or (self.one_batch_at_a_time and self.tracker.uncommitted_published()):
+        """Finished outputs that may go out now, marked released (empty while holding after a failed commit)."""
+        if self.holding or (self.policy.one_release_at_a_time and self.tracker.uncommitted_published()):
             return []
         return self.tracker.releasable(in_offset_order=False)
 
-    def commit(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and not self.holding and now - self._last_commit < self.min_commit_interval_s:
-            return  # before walking the tracker: the loop asks on every step
+    @property
+    def delivering(self) -> bool:
+        return self.sink is not None and not self.sink.idle
+
+    def publish(self) -> None:
+        assert self.sink is not None
+        if self.sink.accepting:
+            self.sink.add(self.release())
+        self.sink.poll(0)
+        self.sink.raise_for_error()
+
+    def serve(self, timeout: float) -> None:
+        if self.sink is not None:
+            self.sink.poll(timeout)
+
+    def flush(self, timeout: float) -> None:
+        if self.sink is not None:
+            self.sink.flush(timeout)
+            self.sink.raise_for_error()
+
+    def commit(self) -> None:
         offsets = {tp: o for tp, o in self.tracker.committable().items() if o != self.committed_offsets.get(tp)}
         if not offsets:
             return
@@ -265,23 +245,20 @@ class AtLeastOnceCheckpoint:
             error = exc.args[0]
             self.holding = True
             raise CommitFailedError(f"offset commit failed: {error.str()}", retriable=error.retriable()) from None
-        self.holding = False
-        self._last_commit = now
-        count = self.tracker.committed(offsets)
-        self.records_committed += count
-        self.committed_offsets.update(offsets)
-        if self.on_committed:
-            self.on_committed(offsets, count)
+        self._committed(offsets)
 
     def before_revoke(self, tps: list[TP]) -> None:
-        """Still the owner: commit what is acked, so the next owner starts after it (best effort)."""
+        """Still the owner: get acknowledgements in and commit what is acked, so the next owner starts after it
+        (best effort)."""
+        if self.sink is not None:
+            self.sink.flush(10.0)
         try:
-            self.commit(force=True)
+            self.commit()
         except CommitFailedError as exc:
             log.warning("commit during revoke failed (%s): the next owner re-reads from the last commit", exc)
 
 
-class TransactionalCheckpoint:
+class TransactionalCheckpoint(BaseCheckpoint):
     """Exactly-once: each commit is one producer transaction holding the outputs of a contiguous prefix of input
     records and the consumer offsets after it. librdkafka's errors are handled as rd_kafka_commit_transaction()
     documents them (and confluent-kafka's transactional examples do):
@@ -295,35 +272,30 @@ class TransactionalCheckpoint:
         OutputUnavailableError (exit 4). A retriable abort_transaction() failure is retried the same way, alone;
       * fatal() (fenced by another worker with the same transactional.id): TransactionFatalError (exit 7).
 
-    Each attempt delivers through a fresh sink from `new_sink`: a sink whose transaction was aborted keeps its
-    latched error and its late delivery reports to itself."""
+    Each attempt delivers through a fresh sink from `new_sink` (by default one delivery attempt, acknowledging into
+    this checkpoint): a sink whose transaction was aborted keeps its latched error and its late delivery reports to
+    itself. Nothing goes out between commits: outputs are published inside commit()'s transaction."""
 
-    def __init__(self, *, producer: Any, consumer: Any, new_sink: Callable[[], Any], ownership: Ownership, flush_timeout_s: float,
-                 keep_alive: Callable[[], None], max_attempts: int = 1,
-                 on_committed: Callable[[dict[TP, int], int], None] | None = None, min_commit_interval_s: float = 0.0) -> None:
+    def __init__(self, *, producer: Any, consumer: Any, flush_timeout_s: float, keep_alive: Callable[[], None],
+                 max_attempts: int = 1, new_sink: Callable[[], Any] | None = None, **base: Any) -> None:
+        super().__init__(**base)
         self.producer = producer
         self.consumer = consumer
-        self.new_sink = new_sink
-        self.ownership = ownership
-        self.tracker = OffsetTracker(ownership)
+        self.new_sink = new_sink or (lambda: Sink(producer=producer, max_attempts=1, on_acknowledged=self.acked))
         self.flush_timeout_s = flush_timeout_s
         self.keep_alive = keep_alive
         self.max_attempts = max_attempts
-        self.on_committed = on_committed
-        self.min_commit_interval_s = min_commit_interval_s
-        self.committed_offsets: dict[TP, int] = {}
-        self.records_committed = 0
-        self.holding = False
-        self.needs_rewind = False  # an aborted transaction: the worker must re-read from the committed offsets
         self.failed_deliveries = 0  # aborted attempts in a row whose outputs were not delivered
-        self._last_commit = 0.0
         self._committing: tuple[list[OutgoingRecord], dict[TP, int]] | None = None  # commit_transaction() to resume
         self._aborting = False  # abort_transaction() to resume
+
+    def start(self) -> None:
+        self.producer.init_transactions(30)
 
     def release(self) -> list[OutgoingRecord]:
         return []  # outputs go out inside commit()'s transaction
 
-    def commit(self, force: bool = False) -> None:
+    def commit(self) -> None:
         if self._aborting:  # abort_transaction() timed out: call it again, alone, before anything else
             self._abort_open("a previous abort_transaction() did not complete")
         if self._committing is not None:  # commit_transaction() timed out: call it again, alone
@@ -334,8 +306,6 @@ class TransactionalCheckpoint:
                 self._fail(exc.args[0])
             self._done(records, offsets)
             return
-        if not force and time.monotonic() - self._last_commit < self.min_commit_interval_s:
-            return  # before walking the tracker: the loop asks on every step
         offsets = {tp: o for tp, o in self.tracker.committable(upto=State.FINISHED).items() if o != self.committed_offsets.get(tp)}
         if not offsets:
             return
@@ -360,16 +330,10 @@ class TransactionalCheckpoint:
 
     def _done(self, records: list[OutgoingRecord], offsets: dict[TP, int]) -> None:
         self._committing = None
-        self.holding = False
         self.failed_deliveries = 0
-        self._last_commit = time.monotonic()
         for record in records:
             self.tracker.acked(record.source)
-        count = self.tracker.committed(offsets)
-        self.records_committed += count
-        self.committed_offsets.update(offsets)
-        if self.on_committed:
-            self.on_committed(offsets, count)
+        self._committed(offsets)
 
     def _fail(self, error: KafkaError) -> None:
         if error.fatal():
@@ -408,9 +372,6 @@ class TransactionalCheckpoint:
         self._aborting = False
         self.holding = False  # the rewound records are read again
 
-    def before_revoke(self, tps: list[TP]) -> None:
-        """Nothing to do: an open transaction sees the revoke through the epochs it captured, and aborts."""
-
 
 def _sink_error(sink: Any) -> str:
     try:
@@ -418,3 +379,23 @@ def _sink_error(sink: Any) -> str:
     except OutputUnavailableError as exc:
         return str(exc)
     return "not acknowledged in time"
+
+
+def make_checkpoint(settings: Settings, *, consumer: Any, producer: Any, policy: CommitPolicy, ownership: Ownership,
+                    window: Callable[[], int], keep_alive: Callable[[], None],
+                    shrink: Callable[[OutgoingRecord], OutgoingRecord | None],
+                    on_acknowledged: Callable[[OutgoingRecord], None] | None = None,
+                    on_committed: Callable[[dict[TP, int], int], None] | None = None) -> BaseCheckpoint:
+    """The checkpoint for PROCESSING_GUARANTEE."""
+    base: dict[str, Any] = dict(ownership=ownership, policy=policy, window=window, on_acknowledged=on_acknowledged,
+                                on_committed=on_committed)
+    if settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE:
+        # Inside a transaction a failed delivery dooms the whole transaction (librdkafka makes it abortable): no
+        # re-send in it; the checkpoint aborts, the worker rewinds, and the batch is the unit of attempts.
+        return TransactionalCheckpoint(producer=producer, consumer=consumer, keep_alive=keep_alive,
+                                       flush_timeout_s=settings.delivery_timeout_ms / 1000 * settings.produce_max_attempts,
+                                       max_attempts=settings.produce_max_attempts, **base)
+    checkpoint = AtLeastOnceCheckpoint(consumer=consumer, **base)
+    checkpoint.sink = Sink(producer=producer, max_attempts=settings.produce_max_attempts, on_acknowledged=checkpoint.acked,
+                           shrink=shrink)
+    return checkpoint

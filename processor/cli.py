@@ -85,7 +85,7 @@ def _run(_args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from processor.demo import run_demo
+    from processor.ops.demo import run_demo
     from processor.logs import configure_logging
 
     configure_logging("text", "DEBUG" if args.debug else "WARNING")
@@ -93,7 +93,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _broker(args: argparse.Namespace) -> int:
-    from processor.broker import EmbeddedBroker, ensure_topics
+    from processor.ops.broker import EmbeddedBroker, ensure_topics
 
     settings = load_settings()
     _tool_logging(args)
@@ -123,7 +123,7 @@ def _broker(args: argparse.Namespace) -> int:
 
 def _produce(args: argparse.Namespace) -> int:
     from processor.codec import make_codec
-    from processor.tools import parse_event_lines, produce_events, produce_values
+    from processor.ops.tools import parse_event_lines, produce_events, produce_values
 
     settings = load_settings()
     _tool_logging(args)
@@ -161,8 +161,8 @@ def _produce(args: argparse.Namespace) -> int:
 
 def _consume(args: argparse.Namespace) -> int:
     from processor.codec import make_codec
-    from processor.reachability import require_broker
-    from processor.tools import read_topic
+    from processor.ops.reachability import require_broker
+    from processor.ops.tools import read_topic
 
     settings = load_settings()
     _tool_logging(args)
@@ -207,8 +207,8 @@ def _summarize(args: argparse.Namespace) -> int:
     from processor.engines.isolation import generate_isolated
     from processor.events import validate_event
     from processor.prompt import PromptBuilder
-    from processor.samples import sample_events
-    from processor.tools import parse_event_lines
+    from processor.ops.samples import sample_events
+    from processor.ops.tools import parse_event_lines
 
     settings = load_settings()
     _tool_logging(args)
@@ -252,8 +252,8 @@ def _summarize(args: argparse.Namespace) -> int:
 
 
 def _lag(args: argparse.Namespace) -> int:
-    from processor.offsets import format_lag, group_lag
-    from processor.reachability import require_broker
+    from processor.ops.offsets import format_lag, group_lag
+    from processor.ops.reachability import require_broker
 
     settings = load_settings()
     _tool_logging(args)
@@ -278,8 +278,8 @@ def _parse_start(text: str) -> "str | int | object":
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from processor.offsets import Progress, backfill_done, backfill_ends, reset_offsets
-    from processor.reachability import require_broker
+    from processor.ops.offsets import Progress, backfill_done, backfill_ends, reset_offsets
+    from processor.ops.reachability import require_broker
 
     settings = load_settings()
     _tool_logging(args)
@@ -319,7 +319,7 @@ def _replay(args: argparse.Namespace) -> int:
         progress.close()
         engine.close()
     print(f"backfill {'complete' if complete else 'stopped'}: {done} of {total} records reprocessed "
-          f"(prompt_version {worker.prompts.version}, model {engine.model})", file=sys.stderr)
+          f"(prompt_version {worker.pipeline.prompt_version}, model {engine.model})", file=sys.stderr)
     if code:
         return code
     if not complete:
@@ -333,7 +333,7 @@ def _replay(args: argparse.Namespace) -> int:
 def _tiny_model(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from processor.engines.tiny_model import build_tiny_chat_model, sample_corpus
+    from processor.ops.tiny_model import build_tiny_chat_model, sample_corpus
 
     path = build_tiny_chat_model(Path(args.directory), sample_corpus())
     print(f"tiny random-weight Qwen2 chat model in {path} (gibberish output; for wiring checks, not summaries)")

@@ -11,7 +11,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
@@ -203,7 +203,48 @@ class SchemaStore:
         return self._by_fingerprint.get(fp)
 
 
-class AvroCodec:
+@dataclass(frozen=True)
+class SerializationContext:
+    """What a payload is and where it travels (confluent-kafka's SerializationContext, with the record's schema
+    named instead of the message field: every payload here is a value)."""
+
+    topic: str
+    schema: str
+
+
+class Codec(Protocol):
+    """What the runtime needs of a wire format (both codecs satisfy it): callable-serializer style, after
+    confluent-kafka's Serializer(obj, ctx) / Deserializer(data, ctx)."""
+
+    store: "SchemaStore"
+
+    def serialize(self, record: dict[str, Any], ctx: SerializationContext) -> bytes:
+        """The record's bytes. Raises RegistryUnavailableError where a registry does not answer."""
+        ...
+
+    def deserialize(self, payload: bytes | None, ctx: SerializationContext) -> dict[str, Any]:
+        """The record, resolved to the newest local schema. Raises a RecordError for bytes that are not a record of
+        ctx.schema, RegistryUnavailableError where a registry does not answer."""
+        ...
+
+
+class _ContextCalls:
+    """serialize/deserialize in terms of a codec's encode/decode (a subclass overriding those is honoured)."""
+
+    def encode(self, record: dict[str, Any], schema_name: str, topic: str = "") -> bytes:
+        raise NotImplementedError
+
+    def decode(self, payload: bytes | None, schema_name: str, topic: str = "") -> dict[str, Any]:
+        raise NotImplementedError
+
+    def serialize(self, record: dict[str, Any], ctx: SerializationContext) -> bytes:
+        return self.encode(record, ctx.schema, ctx.topic)
+
+    def deserialize(self, payload: bytes | None, ctx: SerializationContext) -> dict[str, Any]:
+        return self.decode(payload, ctx.schema, ctx.topic)
+
+
+class AvroCodec(_ContextCalls):
     """Encode with the newest version of a record; decode any known version into the newest one. An event with more
     than `max_results` search results is refused from its block counts, before its results are decoded."""
 
@@ -252,7 +293,7 @@ class AvroCodec:
         raise KeyError(f"{schema_name} has no version {version}")
 
 
-class RegistryCodec:
+class RegistryCodec(_ContextCalls):
     """Confluent Schema Registry framing (`00`, 4-byte big-endian schema id, Avro body) through the library's own
     AvroSerializer/AvroDeserializer; used when SCHEMA_REGISTRY_URL is set. Subjects follow the default
     TopicNameStrategy (`<topic>-value`); the newest local version of each record is the one registered and read."""
@@ -355,7 +396,7 @@ def _safe_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))) if parts.hostname else url
 
 
-def make_codec(schema_registry_url: str | None, *, max_results: int = DEFAULT_MAX_RESULTS) -> "AvroCodec | RegistryCodec":
+def make_codec(schema_registry_url: str | None, *, max_results: int = DEFAULT_MAX_RESULTS) -> Codec:
     if schema_registry_url:
         return RegistryCodec(schema_registry_url, max_results=max_results)
     return AvroCodec(max_results=max_results)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
-    from processor.batcher import SourceRecord
+    from processor.source import SourceRecord
 
 # Process exit codes (README "Exit codes").
 EXIT_OK = 0

@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from processor.batcher import Batch, BatchItem, MicroBatcher, SourceRecord
+from processor.batcher import Batch, MicroBatcher
+from processor.source import BatchItem, SourceRecord
 from processor.engines.base import CallClock, Engine, EventGenerationError, Generation, Prompt, TimedEngine
 from processor.engines.isolation import PROBE_AFTER_FAILED_IN_A_ROW, FailurePolicy, accepted
 from processor.errors import EngineUnavailableError
@@ -225,7 +226,7 @@ class MicroBatchScheduler:
         """One outcome per item: records that failed before the engine ride along in their batch, so a batch's
         dead letters are published and committed with it, in offset order."""
         results = iter(self.policy.generate(self._timed, batch.prompts))
-        return [next(results) if item.prompt is not None else item.error for item in batch.items]  # type: ignore[misc]
+        return [item.error if item.skips_engine else next(results) for item in batch.items]  # type: ignore[misc]
 
     def _note_idle_start(self) -> None:
         self._idle_since = time.monotonic()
@@ -336,7 +337,7 @@ class ContinuousScheduler:
         return self.feed.wanted()
 
     def add(self, item: BatchItem) -> None:
-        if item.prompt is None:  # failed before the engine: done now (commit order is the checkpoint's business)
+        if item.skips_engine:  # failed before the engine: done now (commit order is the checkpoint's business)
             self._done_now.append((item, item.error or ValueError("no prompt")))
             return
         self._submit(item)
@@ -455,11 +456,12 @@ class ContinuousScheduler:
             del self._requests[rid]
         if gone:
             self.feed.abort(gone)
-        before = len(self._held) + len(self._suspects)
+        before = len(self._held) + len(self._suspects) + len(self._done_now)
+        self._done_now = [(item, outcome) for item, outcome in self._done_now if keep(item.source)]
         self._held = [item for item in self._held if keep(item.source)]
         self._suspects = [(item, outcome) for item, outcome in self._suspects if keep(item.source)]
         # A probe or retry running now finishes; its revoked items are ignored by the Worker (ownership).
-        return len(gone) + before - len(self._held) - len(self._suspects)
+        return len(gone) + before - len(self._held) - len(self._suspects) - len(self._done_now)
 
     def finish(self, timeout: float) -> list[Done]:
         deadline = time.monotonic() + timeout

@@ -9,12 +9,10 @@ else that goes wrong there is this record's fault too (dead-lettered as Unexpect
 
 from __future__ import annotations
 
-from typing import Any
-
 from confluent_kafka import Message
 
-from processor.batcher import BatchItem, SourceRecord
-from processor.codec import EVENT_SCHEMA
+from processor.source import BatchItem, SourceRecord
+from processor.codec import EVENT_SCHEMA, Codec, SerializationContext
 from processor.errors import InfrastructureError, RecordError, RecordTooLargeError, UnreadableHeadersError
 from processor.events import validate_event
 from processor.prompt import PromptBuilder
@@ -44,7 +42,7 @@ def source_of(message: Message, epoch: int) -> SourceRecord:
 
 
 class Intake:
-    def __init__(self, *, codec: Any, prompts: PromptBuilder, max_event_bytes: int) -> None:
+    def __init__(self, *, codec: Codec, prompts: PromptBuilder, max_event_bytes: int) -> None:
         self.codec = codec
         self.prompts = prompts
         self.max_event_bytes = max_event_bytes
@@ -57,7 +55,7 @@ class Intake:
                 raise UnreadableHeadersError(f"the record's headers cannot be read: {source.unreadable_headers}")
             if source.value is not None and len(source.value) > self.max_event_bytes:
                 raise RecordTooLargeError(f"value is {len(source.value)} bytes, over MAX_EVENT_BYTES={self.max_event_bytes}")
-            record = self.codec.decode(source.value, EVENT_SCHEMA, source.topic)
+            record = self.codec.deserialize(source.value, SerializationContext(source.topic, EVENT_SCHEMA))
             event_id = record.get("event_id") if isinstance(record.get("event_id"), str) else None
             prompt = self.prompts.build(validate_event(record))
             return BatchItem(source, prompt=prompt)

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from processor.records import parse_dead_letter
 
 if TYPE_CHECKING:
     from processor.generation import BatchStats
@@ -108,8 +107,8 @@ class Metrics:
 
     def acknowledged(self, record: "OutgoingRecord") -> None:
         if record.is_dead_letter:
-            # The label comes from the worker's own header (the error class), never from input data: bounded.
-            self.dead_letters.labels(parse_dead_letter(record.key, None, record.headers).get("error_class", "unknown")).inc()
+            # The label is the error's class (records.reason_of), never input data: bounded.
+            self.dead_letters.labels(record.reason).inc()
         else:
             self.summaries_out.inc()
 

@@ -1,5 +1,6 @@
-"""Output records: a summary per generated event, a dead letter per failed record, and the one parser of a dead
-letter that the loop's logging, the metrics and `consume --dlq` share.
+"""Output records: a summary per generated event, a dead letter per failed record, and the parser of a dead letter
+as it arrives on the topic (`consume --dlq`). The worker itself never parses its own headers back: the reason,
+event id and message travel on the OutgoingRecord.
 
 A dead letter keeps the input's key and value untouched (an operator can re-publish them) and says why in
 `dlq.*` headers. Only the worker writes that namespace: an input header named `dlq.…` is carried as
@@ -14,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
 from processor import __version__
-from processor.batcher import BatchItem, SourceRecord
+from processor.source import BatchItem, SourceRecord
 from processor.engines.base import Generation
 from processor.errors import OutputTooLargeError, RecordError
 
@@ -73,6 +74,7 @@ class OutgoingRecord:
     # What was cut or left out so that the record fits message.max.bytes ("query", "value", "key", "input_headers"),
     # in the order it happened; each is flagged in a header too, for the consumers of the topic.
     shrunk: tuple[str, ...] = ()
+    error_message: str | None = None  # set on dead letters: what went wrong, as its dlq.error_message header says
 
     @property
     def is_dead_letter(self) -> bool:
@@ -177,7 +179,8 @@ def dead_letter(
                         f"{INPUT_HEADER_ALLOWANCE}-byte allowance".encode()))
         shrunk = ("input_headers",)
     headers += kept  # the producer's own headers (trace ids) after ours
-    record = OutgoingRecord(dlq_topic, source.key, source.value, headers, source, reason, event_id, shrunk)
+    record = OutgoingRecord(dlq_topic, source.key, source.value, headers, source, reason, event_id, shrunk,
+                            error_message=fields["error_message"])
     return record.fitted(max_record_bytes)
 
 

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from processor.broker import EmbeddedBroker
+from processor.ops.broker import EmbeddedBroker
 
 
 @dataclass
@@ -65,7 +65,7 @@ def topics(broker: BrokerHandle) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     """A Qwen2-architecture chat model with random weights and a tokenizer trained here (no hub needed)."""
-    from processor.engines.tiny_model import build_tiny_chat_model, sample_corpus
+    from processor.ops.tiny_model import build_tiny_chat_model, sample_corpus
 
     return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-qwen2"), sample_corpus())
 

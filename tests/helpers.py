@@ -9,11 +9,11 @@ from typing import Any, Callable, Sequence
 
 from confluent_kafka import Consumer, TopicPartition
 
-from processor.broker import ensure_topics
+from processor.ops.broker import ensure_topics
 from processor.engines.base import Engine
 from processor.loop import Worker
 from processor.settings import Settings, load_settings
-from processor.tools import produce_events, read_topic
+from processor.ops.tools import produce_events, read_topic
 
 # Tansu joins a consumer group in ~3 s with these (instead of ~23 s); test configuration, not product defaults.
 FAST_GROUP = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}

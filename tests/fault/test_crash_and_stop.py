@@ -93,7 +93,7 @@ def test_crash_loop_loses_nothing_and_duplicates_at_most_one_batch_per_crash(bro
     assert kills_mid_stream == CRASHES
     # micro_batch: one batch published-but-uncommitted at most; continuous: what is read but uncommitted is capped at
     # UNCOMMITTED_WINDOWS in-flight windows (BATCH_MAX_RECORDS caps the window).
-    from processor.loop import UNCOMMITTED_WINDOWS
+    from processor.checkpoint import UNCOMMITTED_WINDOWS
 
     per_crash = BATCH if env["GENERATION_MODE"] == "micro_batch" else UNCOMMITTED_WINDOWS * BATCH
     figures["crash_loop"]["duplicates_per_crash_max_allowed"] = per_crash

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
+from processor.checkpoint import TransactionalCheckpoint
 from processor.engines.extractive import ExtractiveEngine
 from processor.errors import EXIT_OUTPUT_FAILED
 from processor.loop import Worker
@@ -94,7 +95,7 @@ def test_exactly_once_commits_offsets_inside_the_transaction(broker, topics):
     placements = produce(broker, topics["input"], [make_event(i) for i in range(60)])
     settings = settings_for(broker, topics, processing_guarantee="exactly_once", batch_max_records=10, transactional_id_suffix=uuid.uuid4().hex[:6])
     worker = Worker(settings, ExtractiveEngine(), consumer_overrides=FAST_GROUP)
-    assert worker.transactional
+    assert isinstance(worker.checkpoint, TransactionalCheckpoint)
     assert run_until(worker, lambda: worker.records_committed >= 60) == 0
     assert committed_offsets(broker, topics["group"], topics["input"], 2) == end_offsets(placements)
     assert sorted(s["event_id"] for s in read_all(broker, topics["output"])) == [f"evt-{i:06d}" for i in range(60)]
@@ -102,7 +103,7 @@ def test_exactly_once_commits_offsets_inside_the_transaction(broker, topics):
 
 def broker_honours_read_committed(bootstrap: str) -> bool:
     topic = f"txn-probe-{uuid.uuid4().hex[:8]}"
-    from processor.broker import ensure_topics
+    from processor.ops.broker import ensure_topics
 
     ensure_topics(bootstrap, {topic: 1})
     producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": f"probe-{uuid.uuid4().hex[:8]}"})

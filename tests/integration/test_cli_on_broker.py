@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from processor.broker import free_port
+from processor.ops.broker import free_port
 from processor.codec import EVENT_SCHEMA, AvroCodec
 from processor.engines.extractive import ExtractiveEngine
 from processor.loop import Worker
-from processor.offsets import backfill_done, backfill_ends, format_lag, group_lag, reset_offsets
+from processor.ops.offsets import backfill_done, backfill_ends, format_lag, group_lag, reset_offsets
 from tests.helpers import FAST_GROUP, create_topics, end_offsets, make_event, produce, run_until, settings_for
 
 pytestmark = pytest.mark.broker

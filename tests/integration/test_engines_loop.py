@@ -4,7 +4,7 @@ import pytest
 
 from processor.engines import create_engine
 from processor.loop import Worker
-from processor.samples import sample_events
+from processor.ops.samples import sample_events
 from tests.helpers import FAST_GROUP, create_topics, make_event, produce, read_all, run_until, settings_for
 
 pytestmark = pytest.mark.broker

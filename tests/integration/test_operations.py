@@ -17,7 +17,7 @@ from processor.codec import EVENT_SCHEMA, AvroCodec
 from processor.engines.extractive import ExtractiveEngine
 from processor.loop import Worker
 from processor.metrics import Metrics
-from processor.offsets import GroupActiveError, PartitionLag, backfill_done, group_lag, reset_offsets, target_offsets
+from processor.ops.offsets import GroupActiveError, PartitionLag, backfill_done, group_lag, reset_offsets, target_offsets
 from tests.helpers import FAST_GROUP, WorkerThread, committed_offsets, create_topics, make_event, read_all, run_until, settings_for
 
 pytestmark = pytest.mark.broker

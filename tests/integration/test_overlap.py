@@ -33,7 +33,7 @@ class ObservedEngine(ExtractiveEngine):
             return super().generate(prompts)
         committed_at_start = worker.records_committed
         time.sleep(self.seconds * 0.9)
-        scheduler = worker.scheduler
+        scheduler = worker.pipeline.scheduler
         ready = list(scheduler.ready_batches)
         self.observations.append(
             {

@@ -154,7 +154,7 @@ def test_generate_longer_than_max_poll_interval_causes_no_rebalance_and_no_dupli
 def test_the_demo_prints_summaries():
     import io
 
-    from processor.demo import run_demo
+    from processor.ops.demo import run_demo
 
     out = io.StringIO()
     assert run_demo(out) == 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from processor.broker import free_port
+from processor.ops.broker import free_port
 
 pytestmark = pytest.mark.broker
 ROOT = Path(__file__).resolve().parents[2]

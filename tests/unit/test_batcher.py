@@ -1,4 +1,5 @@
-from processor.batcher import Batch, BatchItem, MicroBatcher, SourceRecord
+from processor.batcher import Batch, MicroBatcher
+from processor.source import BatchItem, SourceRecord
 from processor.engines.base import Prompt
 from processor.events import validate_event
 from tests.helpers import make_event

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import KafkaError
 
-from processor.batcher import SourceRecord
-from processor.checkpoint import AtLeastOnceCheckpoint, Ownership, TransactionalCheckpoint
+from processor.source import SourceRecord
+from processor.checkpoint import AtLeastOnceCheckpoint, CommitPolicy, Ownership, TransactionalCheckpoint
 from processor.errors import CommitFailedError, OutputUnavailableError, TransactionFatalError
 from processor.records import OutgoingRecord
 from processor.sink import Sink
@@ -32,7 +32,7 @@ def owned(*partitions: int) -> Ownership:
 def test_commits_only_the_contiguous_acked_prefix_when_work_finishes_out_of_order():
     ownership = owned(0)
     consumer = FakeConsumer()
-    checkpoint = AtLeastOnceCheckpoint(consumer=consumer, ownership=ownership, one_batch_at_a_time=False)
+    checkpoint = AtLeastOnceCheckpoint(consumer=consumer, ownership=ownership, policy=CommitPolicy())
     sources = [source(0, offset) for offset in range(5)]
     for src in sources:
         checkpoint.tracker.track(src)
@@ -61,7 +61,7 @@ def test_commits_only_the_contiguous_acked_prefix_when_work_finishes_out_of_orde
 
 def test_an_output_waits_for_an_earlier_record_with_the_same_key():
     ownership = owned(0)
-    checkpoint = AtLeastOnceCheckpoint(consumer=FakeConsumer(), ownership=ownership, one_batch_at_a_time=False)
+    checkpoint = AtLeastOnceCheckpoint(consumer=FakeConsumer(), ownership=ownership, policy=CommitPolicy())
     first, second, other = source(0, 0, key=b"k"), source(0, 1, key=b"k"), source(0, 2, key=b"x")
     for src in (first, second, other):
         checkpoint.tracker.track(src)
@@ -75,7 +75,7 @@ def test_an_output_waits_for_an_earlier_record_with_the_same_key():
 def test_revoked_work_is_neither_released_nor_committed():
     ownership = owned(0, 1)
     consumer = FakeConsumer()
-    checkpoint = AtLeastOnceCheckpoint(consumer=consumer, ownership=ownership, one_batch_at_a_time=False)
+    checkpoint = AtLeastOnceCheckpoint(consumer=consumer, ownership=ownership, policy=CommitPolicy())
     a, b = source(0, 0, epoch=1), source(1, 0, epoch=2)
     for src in (a, b):
         checkpoint.tracker.track(src)
@@ -89,7 +89,7 @@ def test_revoked_work_is_neither_released_nor_committed():
 
 def test_one_batch_at_a_time_holds_release_until_the_commit():
     consumer = FakeConsumer()
-    checkpoint = AtLeastOnceCheckpoint(consumer=consumer, ownership=owned(0), one_batch_at_a_time=True)
+    checkpoint = AtLeastOnceCheckpoint(consumer=consumer, ownership=owned(0), policy=CommitPolicy(one_release_at_a_time=True))
     sources = [source(0, offset) for offset in range(4)]
     for src in sources:
         checkpoint.tracker.track(src)
@@ -107,7 +107,7 @@ def test_one_batch_at_a_time_holds_release_until_the_commit():
 
 def test_a_failed_commit_holds_the_pipeline_until_a_retry_succeeds():
     consumer = FakeConsumer()
-    checkpoint = AtLeastOnceCheckpoint(consumer=consumer, ownership=owned(0), one_batch_at_a_time=False)
+    checkpoint = AtLeastOnceCheckpoint(consumer=consumer, ownership=owned(0), policy=CommitPolicy())
     a, b = source(0, 0), source(0, 1)
     for src in (a, b):
         checkpoint.tracker.track(src)
@@ -131,7 +131,7 @@ def transactional(producer: FakeProducer, consumer: FakeConsumer, ownership: Own
     def new_sink() -> Sink:
         return Sink(producer=producer, max_attempts=1, on_acknowledged=lambda record: checkpoint.tracker.acked(record.source))
 
-    checkpoint = TransactionalCheckpoint(producer=producer, consumer=consumer, new_sink=new_sink, ownership=ownership,
+    checkpoint = TransactionalCheckpoint(producer=producer, consumer=consumer, new_sink=new_sink, ownership=ownership, policy=CommitPolicy(),
                                          flush_timeout_s=1.0, keep_alive=keep_alive, max_attempts=max_attempts)
     return checkpoint
 
@@ -267,3 +267,53 @@ def test_a_fenced_producer_is_fatal(call):
     with pytest.raises(TransactionFatalError):
         checkpoint.commit()
     assert producer.visible() == [] and checkpoint.records_committed == 0
+
+
+# ------------------------------------------------------------------------------------------------ commit policy
+def test_the_policy_commits_at_the_interval_or_at_once_at_the_bound_or_when_idle():
+    policy = CommitPolicy(interval_s=0.2, max_uncommitted=None, uncommitted_windows=8)
+    assert policy.bound(window=4) == 32 and CommitPolicy(max_uncommitted=6).bound(window=4) == 6
+    assert not policy.due(since_last_s=0.1, uncommitted=31, window=4, idle=False)
+    assert policy.due(since_last_s=0.2, uncommitted=0, window=4, idle=False)
+    assert policy.due(since_last_s=0.1, uncommitted=32, window=4, idle=False), "at the bound: reading has stopped"
+    assert policy.due(since_last_s=0.1, uncommitted=1, window=4, idle=True), "nothing left to finish"
+
+
+def test_the_policy_from_settings_is_one_bound_for_both_modes():
+    from processor.settings import load_settings
+
+    micro = CommitPolicy.from_settings(load_settings(generation_mode="micro_batch", continuous_max_uncommitted=5))
+    continuous = CommitPolicy.from_settings(load_settings(generation_mode="continuous", continuous_max_uncommitted=5))
+    assert micro.interval_s == 0.0 and micro.one_release_at_a_time and micro.bound(window=2) == 16
+    assert continuous.interval_s > 0 and not continuous.one_release_at_a_time and continuous.bound(window=2) == 5
+
+
+def test_the_checkpoint_reads_up_to_the_bound_and_holds_reading_while_a_commit_fails():
+    consumer = FakeConsumer()
+    checkpoint = AtLeastOnceCheckpoint(consumer=consumer, ownership=owned(0), window=lambda: 2,
+                                       policy=CommitPolicy(max_uncommitted=3, retry_first_s=60.0))
+    a, b = source(0, 0), source(0, 1)
+    for src in (a, b):
+        checkpoint.track(src)
+    assert checkpoint.room() == 1
+    checkpoint.finish(a, output(a))
+    checkpoint.acked(checkpoint.release()[0])
+    consumer.commit_failures.append(KafkaError(KafkaError.REQUEST_TIMED_OUT, "timed out", retriable=True))
+    checkpoint.maybe_commit()  # fails within the retry budget: held, not raised
+    assert checkpoint.holding and checkpoint.room() == 0 and consumer.commits == []
+    checkpoint.maybe_commit()
+    assert consumer.commits == [], "the retry waits out its backoff"
+    checkpoint.maybe_commit(force=True)
+    assert consumer.commits == [{(TOPIC, 0): 1}] and not checkpoint.holding and checkpoint.room() == 2
+
+
+def test_commits_failing_longer_than_the_policy_allows_raise():
+    consumer = FakeConsumer()
+    checkpoint = AtLeastOnceCheckpoint(consumer=consumer, ownership=owned(0), policy=CommitPolicy(give_up_after_s=-1.0))
+    a = source(0, 0)
+    checkpoint.track(a)
+    checkpoint.finish(a, output(a))
+    checkpoint.acked(checkpoint.release()[0])
+    consumer.commit_failures.append(KafkaError(KafkaError.REQUEST_TIMED_OUT, "timed out", retriable=True))
+    with pytest.raises(CommitFailedError):
+        checkpoint.maybe_commit()

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from processor.broker import free_port
+from processor.ops.broker import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,7 +15,7 @@ from processor.engines.extractive import ExtractiveEngine
 from processor.engines.isolation import generate_isolated
 from processor.events import validate_event
 from processor.prompt import PromptBuilder
-from processor.samples import sample_events
+from processor.ops.samples import sample_events
 
 TIMEOUT = 10.0
 

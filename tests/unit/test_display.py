@@ -1,7 +1,7 @@
 import textwrap
 
-from processor.display import cell_width, fill, wrap
-from processor.samples import sample_events
+from processor.ops.display import cell_width, fill, wrap
+from processor.ops.samples import sample_events
 
 KOREAN = " ".join(r["content"] or r["snippet"] for r in sample_events()[0]["results"])
 

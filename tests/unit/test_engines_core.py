@@ -5,7 +5,7 @@ from processor.engines.extractive import ExtractiveEngine
 from processor.engines.isolation import EngineCallError, generate_isolated
 from processor.events import validate_event
 from processor.prompt import PromptBuilder
-from processor.samples import sample_events
+from processor.ops.samples import sample_events
 
 
 def prompts_for(events):

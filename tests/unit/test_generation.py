@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from processor.batcher import BatchItem, MicroBatcher, SourceRecord
+from processor.batcher import MicroBatcher
+from processor.source import BatchItem, SourceRecord
 from processor.engines.base import EventGenerationError, Generation
 from processor.engines.extractive import ExtractiveEngine
 from processor.continuous import ContinuousFeed
@@ -16,7 +17,7 @@ from processor.errors import EngineUnavailableError
 from processor.events import validate_event
 from processor.generation import ContinuousScheduler, MicroBatchScheduler
 from processor.prompt import PromptBuilder
-from processor.samples import sample_events
+from processor.ops.samples import sample_events
 
 
 class DyingEngine(ExtractiveEngine):

@@ -140,7 +140,7 @@ def render(output: str) -> list[str]:
 
 
 def test_progress_off_a_terminal_prints_plain_lines():
-    from processor.offsets import Progress
+    from processor.ops.offsets import Progress
 
     out = io.StringIO()
     progress = Progress(10, out=out)

@@ -11,7 +11,7 @@ import pytest
 from processor import errors
 from processor.cli import EXIT_CODES, build_parser
 from processor.events import validate_event
-from processor.samples import sample_events
+from processor.ops.samples import sample_events
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -7,7 +7,7 @@ from confluent_kafka import KafkaError
 
 from datetime import datetime, timezone
 
-from processor.batcher import BatchItem, SourceRecord
+from processor.source import BatchItem, SourceRecord
 from processor.codec import SUMMARY_SCHEMA, AvroCodec, BadMagicError
 from processor.engines.base import Generation
 from processor.engines.extractive import RegexTokenizer

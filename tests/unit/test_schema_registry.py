@@ -46,3 +46,13 @@ def test_bad_framing_and_unknown_ids_are_decode_errors(codec):
         codec.decode(b"\x00\x00\x00\x7f\xff" + good[5:], EVENT_SCHEMA, "search-results")
     with pytest.raises(CorruptBodyError):
         codec.decode(good[:-30], EVENT_SCHEMA, "search-results")
+
+
+def test_both_codecs_serialize_with_a_context_as_the_codec_protocol_says(codec):
+    from processor.codec import AvroCodec, Codec, SerializationContext
+
+    ctx = SerializationContext("search-results", EVENT_SCHEMA)
+    for each in (codec, AvroCodec()):
+        typed: Codec = each  # both satisfy the protocol the runtime is typed against
+        assert typed.deserialize(typed.serialize(make_event(3), ctx), ctx)["event_id"] == "evt-000003"
+        assert typed.store.latest(EVENT_SCHEMA).name == EVENT_SCHEMA

@@ -7,7 +7,7 @@ from processor.engines.base import EngineStartupError, Generation
 from processor.engines.transformers_engine import TransformersEngine
 from processor.events import validate_event
 from processor.prompt import PromptBuilder
-from processor.samples import sample_events
+from processor.ops.samples import sample_events
 from processor.settings import load_settings
 from tests.helpers import make_event
 

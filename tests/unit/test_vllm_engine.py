@@ -10,7 +10,7 @@ from processor.engines.isolation import generate_isolated
 from processor.engines.vllm_engine import PromptIgnoredError, VllmEngine, llm_kwargs
 from processor.events import validate_event
 from processor.prompt import PromptBuilder
-from processor.samples import sample_events
+from processor.ops.samples import sample_events
 from processor.settings import load_settings
 
 

@@ -5,17 +5,20 @@ publish, SIGTERM publishing a finished batch, commit only after acknowledgement,
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 from collections import Counter
 import time
 from typing import Any
 
+from processor.checkpoint import CommitPolicy
 from processor.codec import EVENT_SCHEMA, AvroCodec
 from processor.engines.extractive import ExtractiveEngine
 from processor.errors import EXIT_BROKER_UNAVAILABLE, EXIT_ENGINE_FAILED, EXIT_REGISTRY_UNAVAILABLE, RegistryUnavailableError
 from processor.loop import GIL_SWITCH_INTERVAL_S, Worker
 from processor.records import parse_dead_letter
+from processor.retry import Backoff
 from processor.settings import load_settings
 from tests.fakes.kafka import FakeGroupConsumer, FakeProducer
 from tests.helpers import make_event
@@ -84,7 +87,7 @@ def test_a_partition_revoked_while_its_batch_generates_is_published_by_nobody_he
             engine.gate.set()
 
     consumer.before_consume = revoke_while_generating
-    worker.checkpoint.tracker.drop = lambda tps: None  # keep the revoked partition's track: only ownership may stop its publication
+    worker.checkpoint.drop = lambda tps: None  # keep the revoked partition's track: only ownership may stop its publication
     assert run(worker, lambda: worker.records_committed >= 2 and bool(revoked)) == 0
     published = summaries(producer)
     assert sorted(published) == ["evt-000000", "evt-000002"], "partition 0 exactly once; partition 1 belongs to its new owner"
@@ -98,8 +101,7 @@ def test_sigterm_publishes_and_commits_a_batch_that_finished_generating():
     producer.hold = True  # batch 1 published, not acknowledged: batch 2 finishes and waits behind it
 
     def stop_when_both_generated() -> bool:
-        finished = worker.checkpoint.tracker.counts()
-        if sum(finished.values()) == 4 and worker.scheduler.in_flight() == 0 and worker.scheduler.pending() == 0:
+        if worker.checkpoint.uncommitted == 4 and worker.pipeline.idle():
             producer.hold = False
             worker.request_stop()
             return True  # no further step: the shutdown alone must publish and commit batch 2
@@ -178,8 +180,7 @@ def test_an_unreachable_registry_holds_the_records_and_never_dead_letters_them()
     consumer, producer = FakeGroupConsumer("in"), FakeProducer()
     feed(consumer, 4)
     worker = Worker(settings(infrastructure_retry_timeout_s=30), ExtractiveEngine(), consumer=consumer, producer=producer,
-                    codec=FlakyRegistryCodec(down_for_decodes=3))
-    worker._registry.first_s = 0.05  # noqa: SLF001 - shorten the first backoff step for the test
+                    codec=FlakyRegistryCodec(down_for_decodes=3), registry_retry=Backoff(give_up_after_s=30, first_s=0.05))
     assert run(worker, lambda: worker.records_committed >= 4) == 0
     assert sorted(summaries(producer)) == [f"evt-00000{i}" for i in range(4)]
     assert [p for p in producer.produced if p.topic == "dlq"] == []
@@ -193,13 +194,18 @@ def test_a_registry_that_stays_down_ends_the_worker_with_exit_6():
     assert producer.produced == [] and consumer.commits == []
 
 
+def quick_retries(values) -> CommitPolicy:
+    """The settings' commit policy, with failed commits retried after 50 ms instead of 500."""
+    return dataclasses.replace(CommitPolicy.from_settings(values), retry_first_s=0.05)
+
+
 def test_failing_commits_hold_the_pipeline_then_recover_without_extra_duplicates():
     from confluent_kafka import KafkaError
 
     consumer, producer = FakeGroupConsumer("in"), FakeProducer()
     feed(consumer, 8)
-    worker = Worker(settings(broker_unavailable_timeout_s=30), ExtractiveEngine(), consumer=consumer, producer=producer)
-    worker._commits.first_s = 0.05  # noqa: SLF001
+    worker = Worker(settings(broker_unavailable_timeout_s=30), ExtractiveEngine(), consumer=consumer, producer=producer,
+                    commit_policy=quick_retries(settings(broker_unavailable_timeout_s=30)))
     for _ in range(3):
         consumer.commit_failures.append(KafkaError(KafkaError.REQUEST_TIMED_OUT, "commit timed out", retriable=True))
     uncommitted_seen: list[int] = []
@@ -215,8 +221,8 @@ def test_commits_that_keep_failing_end_the_worker_with_exit_3():
 
     consumer, producer = FakeGroupConsumer("in"), FakeProducer()
     feed(consumer, 4)
-    worker = Worker(settings(broker_unavailable_timeout_s=1), ExtractiveEngine(), consumer=consumer, producer=producer)
-    worker._commits.first_s = 0.05  # noqa: SLF001
+    worker = Worker(settings(broker_unavailable_timeout_s=1), ExtractiveEngine(), consumer=consumer, producer=producer,
+                    commit_policy=quick_retries(settings(broker_unavailable_timeout_s=1)))
     consumer.commit_failures.extend(KafkaError(KafkaError.REQUEST_TIMED_OUT, "commit timed out", retriable=True) for _ in range(1000))
     assert run(worker, lambda: False) == EXIT_BROKER_UNAVAILABLE
     assert worker.records_committed == 0
@@ -306,7 +312,7 @@ def test_continuous_reads_no_more_than_the_uncommitted_bound_behind_a_slow_reque
     bound_reached_at: list[float] = []
 
     def watch() -> bool:
-        uncommitted.append(len(worker.checkpoint.tracker))
+        uncommitted.append(worker.checkpoint.uncommitted)
         if uncommitted[-1] >= 6 and not bound_reached_at:
             bound_reached_at.append(time.monotonic())
         if bound_reached_at and time.monotonic() - bound_reached_at[0] > 0.5:
@@ -321,22 +327,20 @@ def test_continuous_reads_no_more_than_the_uncommitted_bound_behind_a_slow_reque
     assert consumer.commits[-1] == {("in", 0): 30}
 
 
-def test_continuous_reads_up_to_eight_windows_uncommitted_by_default(mode):
-    from processor.loop import UNCOMMITTED_WINDOWS
+def test_reads_up_to_eight_windows_uncommitted_by_default_in_both_modes(mode):
+    from processor.checkpoint import UNCOMMITTED_WINDOWS
 
     worker = Worker(settings(batch_max_records=4), ExtractiveEngine(), consumer=FakeGroupConsumer("in"), producer=FakeProducer())
-    if mode == "continuous":
-        assert UNCOMMITTED_WINDOWS == 8 and worker.max_uncommitted == 8 * 4
-    else:
-        assert worker.max_uncommitted is None
-    worker.scheduler.close()
+    # One bound for both modes: windows of the engine's unit of work (a micro-batch, or the requests it holds).
+    assert UNCOMMITTED_WINDOWS == 8 and worker.max_uncommitted == 8 * 4
+    worker.pipeline.close()
 
 
 def test_the_uncommitted_bound_is_named_at_start_up_where_it_limits_the_engine_or_does_not_apply(mode, caplog):
-    with caplog.at_level("WARNING", logger="processor.loop"):
+    with caplog.at_level("WARNING", logger="processor.pipeline"):
         worker = Worker(settings(batch_max_records=8, continuous_max_uncommitted=3), ExtractiveEngine(),
                         consumer=FakeGroupConsumer("in"), producer=FakeProducer())
-        worker.scheduler.close()
+        worker.pipeline.close()
     messages = [r.getMessage() for r in caplog.records]
     if mode == "continuous":
         assert any("CONTINUOUS_MAX_UNCOMMITTED=3 is below the 8 requests the engine can hold" in m for m in messages)
@@ -344,20 +348,19 @@ def test_the_uncommitted_bound_is_named_at_start_up_where_it_limits_the_engine_o
         assert any("ignored in micro_batch mode (GENERATION_MODE=continuous settings): CONTINUOUS_MAX_UNCOMMITTED" in m for m in messages)
 
 
-def test_continuous_at_the_uncommitted_bound_commits_without_waiting_out_the_commit_interval(mode, monkeypatch):
+def test_continuous_at_the_uncommitted_bound_commits_without_waiting_out_the_commit_interval(mode):
     if mode != "continuous":
-        pytest.skip("the bound is continuous mode's")
-    import processor.loop
-
-    # An interval no run outlives: after the first commit only the bound (or an idle engine) may commit before the
-    # shutdown, and a slow request on partition 1 keeps the engine busy throughout.
-    monkeypatch.setattr(processor.loop, "CONTINUOUS_COMMIT_EVERY_S", 3600.0)
+        pytest.skip("a slow request among others is continuous mode's")
     consumer, producer, engine = FakeGroupConsumer("in", partitions=2), FakeProducer(), OneSlowRequestEngine()
     engine.SLOW = "evt-000099"
     consumer.add(1, b"k99", CODEC.encode(make_event(99), EVENT_SCHEMA))
     for n in range(12):
         consumer.add(0, f"k{n}".encode(), CODEC.encode(make_event(n), EVENT_SCHEMA))
-    worker = Worker(settings(batch_max_records=2, continuous_max_uncommitted=4), engine, consumer=consumer, producer=producer)
+    # An interval no run outlives: after the first commit only the bound (or an idle engine) may commit before the
+    # shutdown, and a slow request on partition 1 keeps the engine busy throughout.
+    values = settings(batch_max_records=2, continuous_max_uncommitted=4)
+    policy = dataclasses.replace(CommitPolicy.from_settings(values), interval_s=3600.0)
+    worker = Worker(values, engine, consumer=consumer, producer=producer, commit_policy=policy)
 
     commits_while_slow: list[dict] = []
 

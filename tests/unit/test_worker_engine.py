@@ -180,7 +180,7 @@ def test_a_hung_engine_turns_health_and_readiness_red_then_ends_the_worker_with_
     seen: dict[str, tuple[int, int]] = {}
 
     def watch() -> bool:
-        stalled = worker.scheduler.stalled_for()
+        stalled = worker.pipeline.stalled_for()
         if 0.05 < stalled < 0.3 and "busy" not in seen:
             seen["busy"] = (status(port, "/healthz"), status(port, "/readyz"))
         elif stalled > 0.5 and "hung" not in seen:

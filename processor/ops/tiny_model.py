@@ -95,7 +95,7 @@ QWEN25_05B = {
 def sample_corpus() -> list[str]:
     """Text the tiny tokenizer learns from: the sample events (Korean and English) and the prompt template."""
     from processor.prompt import CONTENT_TEMPLATE, RESULT_TEMPLATE, SYSTEM_TEMPLATE, USER_TEMPLATE
-    from processor.samples import SAMPLE_EVENTS
+    from processor.ops.samples import SAMPLE_EVENTS
 
     texts = [SYSTEM_TEMPLATE, USER_TEMPLATE, RESULT_TEMPLATE, CONTENT_TEMPLATE]
     for event in SAMPLE_EVENTS:

@@ -22,7 +22,7 @@ from confluent_kafka.admin import AdminClient
 
 from processor.failures import CommandError
 from processor.logs import StatusLine, open_status_line
-from processor.reachability import cluster_metadata, require_topic, translate
+from processor.ops.reachability import cluster_metadata, require_topic, translate
 
 END_SCAN_TIMEOUT_S = 10.0
 _MAX_LOOK_BACK = 1 << 20  # records read back past a tail of markers before giving up on finding the last record

@@ -13,11 +13,11 @@ from typing import IO, Any, Iterable, Iterator, Sequence
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from processor.codec import EVENT_SCHEMA, SUMMARY_SCHEMA, AvroCodec, DecodeError, RegistryCodec
+from processor.codec import EVENT_SCHEMA, SUMMARY_SCHEMA, AvroCodec, Codec, DecodeError, SerializationContext
 from processor.errors import OutputUnavailableError
 from processor.events import InvalidEventError, SearchEvent, validate_event
 from processor.failures import CommandError
-from processor.reachability import cluster_metadata, require_broker, require_topic, translate
+from processor.ops.reachability import cluster_metadata, require_broker, require_topic, translate
 from processor.records import parse_dead_letter
 
 _LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
@@ -57,7 +57,7 @@ def _event_record(event: SearchEvent) -> dict[str, Any]:
 
 
 def produce_events(
-    producer_conf: dict[str, Any], topic: str, events: Iterable[dict[str, Any] | SearchEvent], codec: AvroCodec | RegistryCodec | None = None
+    producer_conf: dict[str, Any], topic: str, events: Iterable[dict[str, Any] | SearchEvent], codec: Codec | None = None
 ) -> list[tuple[int, int]]:
     """Validate and encode every event first (an invalid one raises InvalidEventError naming its position, and
     nothing is sent), then produce them keyed by event_id; return (partition, offset) of each, in order."""
@@ -68,7 +68,7 @@ def produce_events(
             validated.append(raw if isinstance(raw, SearchEvent) else validate_event(raw))
         except InvalidEventError as exc:
             raise InvalidEventError(f"event {index}: {exc}; nothing was sent") from None
-    messages = [(event.event_id.encode(), codec.encode(_event_record(event), EVENT_SCHEMA, topic)) for event in validated]
+    messages = [(event.event_id.encode(), codec.serialize(_event_record(event), SerializationContext(topic, EVENT_SCHEMA))) for event in validated]
     return produce_values(producer_conf, topic, messages)
 
 
@@ -132,7 +132,7 @@ def read_topic(
     dead_letters: bool = False,
     max_records: int | None = None,
     idle_timeout_s: float = 3.0,
-    codec: AvroCodec | RegistryCodec | None = None,
+    codec: Codec | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Records from the beginning until `max_records` or `idle_timeout_s` without a record; no group, no commit.
 
@@ -160,7 +160,7 @@ def read_topic(
                 record = decode_dead_letter(message.key(), message.value(), message.headers())
             else:
                 try:
-                    record = codec.decode(message.value(), SUMMARY_SCHEMA, topic)
+                    record = codec.deserialize(message.value(), SerializationContext(topic, SUMMARY_SCHEMA))
                 except DecodeError as exc:
                     raise CommandError(
                         f"{topic}[{message.partition()}]@{message.offset()} is not a summary this tool can read ({exc}): "

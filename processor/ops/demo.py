@@ -6,14 +6,14 @@ import sys
 import time
 from typing import Any, TextIO
 
-from processor.broker import EmbeddedBroker, ensure_topics
-from processor.display import fill
+from processor.ops.broker import EmbeddedBroker, ensure_topics
+from processor.ops.display import fill
 from processor.engines import create_engine
 from processor.engines.base import Engine
 from processor.loop import Worker
-from processor.samples import sample_events
+from processor.ops.samples import sample_events
 from processor.settings import load_settings
-from processor.tools import produce_events, read_topic
+from processor.ops.tools import produce_events, read_topic
 
 # Tansu joins a group in ~3 s with these instead of ~23 s; fine for a demo, not a production default.
 FAST_GROUP = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}

@@ -1,0 +1,97 @@
+"""The pipeline: one record in, its summary or dead letter out, the same five calls in both generation modes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from processor.codec import EVENT_SCHEMA, AvroCodec
+from processor.engines.extractive import ExtractiveEngine
+from processor.pipeline import make_pipeline
+from processor.settings import load_settings
+from processor.source import SourceRecord
+from tests.helpers import make_event
+
+CODEC = AvroCodec()
+
+
+class CountingEngine(ExtractiveEngine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompts_seen: list[str] = []
+
+    def generate(self, prompts):
+        self.prompts_seen += [p.event.event_id for p in prompts]
+        return super().generate(prompts)
+
+    def add_request(self, request_id, prompt):
+        self.prompts_seen.append(prompt.event.event_id)
+        return super().add_request(request_id, prompt)
+
+
+def source(offset: int, value: bytes, partition: int = 0) -> SourceRecord:
+    return SourceRecord("in", partition, offset, b"k", value, None, (), 1)
+
+
+def take_all(pipeline, count: int) -> list:
+    out: list = []
+    deadline = time.monotonic() + 10
+    while len(out) < count and time.monotonic() < deadline:
+        out += pipeline.take()
+        pipeline.wait(0.01)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["micro_batch", "continuous"])
+def test_a_record_failing_before_the_engine_skips_it_and_comes_out_as_its_dead_letter(mode):
+    settings = load_settings(generation_mode=mode, batch_max_records=3, batch_max_wait_ms=0, kafka_output_topic="out",
+                             kafka_dlq_topic="dlq")
+    engine = CountingEngine()
+    pipeline = make_pipeline(settings, engine, CODEC)
+    try:
+        pipeline.submit(source(0, CODEC.encode(make_event(0), EVENT_SCHEMA)))
+        pipeline.submit(source(1, b"not avro"))
+        pipeline.submit(source(2, CODEC.encode(make_event(2), EVENT_SCHEMA)))
+        records = sorted(take_all(pipeline, 3), key=lambda r: r.source.offset)
+    finally:
+        pipeline.close()
+    assert [(r.source.offset, r.topic, r.reason) for r in records] == [(0, "out", None), (1, "dlq", "BadMagicError"), (2, "out", None)]
+    assert set(engine.prompts_seen) == {"evt-000000", "evt-000002"}, "the skip marker never reaches the engine"
+    assert pipeline.idle()
+
+
+@pytest.mark.parametrize("mode", ["micro_batch", "continuous"])
+def test_drop_forgets_the_work_of_revoked_partitions(mode):
+    settings = load_settings(generation_mode=mode, batch_max_records=8, batch_max_wait_ms=60_000)
+    pipeline = make_pipeline(settings, ExtractiveEngine(), CODEC)
+    try:
+        pipeline.submit(source(0, b"bad", partition=1))  # waits in the open batch (micro) or is done at once (continuous)
+        pipeline.submit(source(1, CODEC.encode(make_event(1), EVENT_SCHEMA), partition=0))
+        dropped = pipeline.drop([("in", 1)])
+        left = take_all(pipeline, 1) if mode == "continuous" else []
+    finally:
+        pipeline.close()
+    assert mode == "continuous" or dropped == 1
+    assert all(r.source.partition == 0 for r in left)
+
+
+def test_the_window_is_the_batch_in_micro_batch_mode_and_what_the_engine_holds_in_continuous_mode():
+    micro = make_pipeline(load_settings(generation_mode="micro_batch", batch_max_records=4), ExtractiveEngine(), CODEC)
+    continuous = make_pipeline(load_settings(generation_mode="continuous", batch_max_records=4), ExtractiveEngine(), CODEC)
+    try:
+        assert micro.window() == 4 and continuous.window() == 4
+    finally:
+        micro.close()
+        continuous.close()
+
+
+def test_the_pipeline_names_its_prompt_version_for_replay():
+    from processor.prompt import PromptBuilder
+
+    engine = ExtractiveEngine()
+    pipeline = make_pipeline(load_settings(generation_mode="micro_batch"), engine, CODEC)
+    settings = load_settings()
+    expected = PromptBuilder(engine.tokenizer, settings.max_model_len, settings.sampling_max_tokens, settings.summary_language).version
+    assert pipeline.prompt_version == expected
+    pipeline.close()
