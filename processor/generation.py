@@ -289,11 +289,12 @@ def request_id_of(source: SourceRecord, attempt: int = 1) -> str:
 class ContinuousScheduler:
     """Items go one by one into the ContinuousFeed; each comes back as it finishes, in any order.
 
-    A failed outcome is not released at once: the failures since the last summary are held as suspects until a
-    summary clears them (the engine works: they are the records' own) or the FailurePolicy has them probed — a run
-    of them, or with nothing left in flight to clear them. A failing probe, like a step() that raises, holds the
-    work for a retry through the engine's generate() (bisection) after the backoff. Probes and retries run on the
-    feed's thread (start_exclusive) and are collected by a later take()."""
+    A failed outcome is not released at once: a request that fails is submitted once more on its own, and one that
+    fails twice is held as a suspect until a summary after it shows the engine works again, or a run of suspects (or
+    nothing left in flight) makes the engine itself suspect. Either way the suspects are settled like a micro-batch,
+    through the FailurePolicy's generate(): the known-good probe when all fail, a try on its own each; a failing probe,
+    like a step() that raises, holds the work for a retry after the backoff. Probes and retries run on the feed's
+    thread (start_exclusive) and are collected by a later take()."""
 
     def __init__(self, *, feed: "ContinuousFeed", engine: Engine, probe_prompt: Prompt, retry_timeout_s: float,
                  call_timeout_s: float | None = None) -> None:
@@ -304,7 +305,8 @@ class ContinuousScheduler:
         self.call_timeout_s = call_timeout_s
         self._requests: dict[str, _Request] = {}
         self._held: list[BatchItem] = []  # failed as a whole with the engine: regenerated once the backoff is due
-        self._suspects: list[tuple[BatchItem, EventGenerationError]] = []  # failed since the last summary, not released
+        self._suspects: list[tuple[BatchItem, EventGenerationError]] = []  # failed twice, not released yet
+        self._suspects_cleared = False  # a summary finished after the suspects: the engine works
         self._job: "Exclusive[list[Outcome]] | None" = None  # a probe or a retry running on the feed's thread
         self._job_items: list[BatchItem] = []
         self._job_is_probe = False
@@ -374,7 +376,7 @@ class ContinuousScheduler:
             # after it (the loop may hand over work before it sees the failure) — and the failures held as suspects
             # may be the engine's too: all of it is held, in order, and regenerated after the backoff.
             unfinished = [item for item, _ in self._suspects] + [request.item for request in self._requests.values()]
-            self._suspects = []
+            self._suspects, self._suspects_cleared = [], False
             self._requests.clear()
             self._held += unfinished
             log.warning("the engine failed with %d request(s) unfinished: %s", len(self._held), failure)
@@ -401,9 +403,8 @@ class ContinuousScheduler:
                     continue
                 self._suspects.append((request.item, outcome))  # held until a summary or the probe clears it
                 continue
-            if self._suspects and self._job is None:
-                finished += self._suspects  # a summary after them: the engine works, they are the records' own
-                self._suspects = []
+            if self._suspects:
+                self._suspects_cleared = True  # a summary after them: the engine works again, they get a retry
             finished.append((request.item, outcome))
         return finished
 
@@ -434,11 +435,15 @@ class ContinuousScheduler:
             items, self._held = self._held, []
             prompts = [item.prompt for item in items if item.prompt is not None]
             self._start(items, lambda engine: self.policy.generate(engine, prompts), probe=False)
-        elif self._suspects and self.policy.wants_probe(len(self._suspects), more_coming=bool(self._requests)):
-            suspects, self._suspects = self._suspects, []
-            outcomes: list[Outcome] = [outcome for _, outcome in suspects]
-            log.warning("%d request(s) in a row failed; asking the known-good probe whether the engine works", len(suspects))
-            self._start([item for item, _ in suspects], lambda engine: self.policy.confirm(engine, outcomes), probe=True)
+        elif self._suspects and (self._suspects_cleared or self.policy.wants_probe(len(self._suspects), more_coming=bool(self._requests))):
+            # Failed twice on their own requests. Either the engine works again (a summary came after them) or a run
+            # of failures makes it suspect: either way they are settled like a micro-batch, through the policy's
+            # generate() — the probe when all fail, a try on its own each — so an engine that was sick for a few
+            # steps is never blamed on the records it happened to be running.
+            suspects, self._suspects, self._suspects_cleared = self._suspects, [], False
+            prompts = [item.prompt for item, _ in suspects if item.prompt is not None]
+            log.warning("%d request(s) failed twice; regenerating them through the failure policy", len(suspects))
+            self._start([item for item, _ in suspects], lambda engine: self.policy.generate(engine, prompts), probe=True)
 
     def _start(self, items: list[BatchItem], fn: Callable[[Engine], list[Outcome]], *, probe: bool) -> None:
         self._job_items, self._job_is_probe = items, probe

@@ -77,6 +77,7 @@ ENGINE_SCALE = 3.0
 QUIET_TICKS = 2000
 QUIET_S = 4.0
 RESPONSIVE_S = 0.5
+ENGINE_CALL_TIMEOUT_S = 1.0  # a hung engine call ends the worker (exit 5) after this long; the next process resumes
 MAX_RESTARTS = 12
 MAX_SCHEDULE_S = 25.0
 SHORT_HANG_S = 0.6
@@ -678,7 +679,7 @@ class Result:
 
     def replay(self) -> str:
         prefix = "".join(f"{name}={os.environ[name]} " for name in ("SIM_FAULTS_ONLY", "SIM_FAULTS_OFF") if os.environ.get(name))
-        return f"{prefix}SIM_SEED={self.seed} /work/venv/bin/python -m pytest tests/simulation -k '{self.mode} and {self.guarantee}'"
+        return f"{prefix}SIM_SEED={self.seed} .venv/bin/python -m pytest tests/simulation -k '{self.mode} and {self.guarantee}'"
 
 
 def sim_settings(mode: str, guarantee: str) -> Settings:
@@ -686,7 +687,7 @@ def sim_settings(mode: str, guarantee: str) -> Settings:
         "generation_mode": mode, "processing_guarantee": guarantee, "kafka_input_topic": TOPIC, "kafka_output_topic": OUT,
         "kafka_dlq_topic": DLQ, "batch_max_wait_ms": 0, "batch_max_records": BATCH_MAX_RECORDS, "shutdown_timeout_s": 0.5,
         "infrastructure_retry_timeout_s": 1.2, "broker_unavailable_timeout_s": 1.2, "delivery_timeout_ms": 1000,
-        "produce_max_attempts": 3, "log_level": "WARNING",
+        "produce_max_attempts": 3, "log_level": "WARNING", "engine_call_timeout_s": ENGINE_CALL_TIMEOUT_S,
     }
     if guarantee == "exactly_once":
         values["transactional_id_suffix"] = "sim"
