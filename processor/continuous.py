@@ -57,7 +57,7 @@ class Exclusive(Generic[T]):
 
     fn: Callable[[StreamingEngine], T]
     wait_idle: bool  # run_exclusive: wait until nothing is in flight; reset: run at once
-    settles: bool = False  # start_exclusive: success clears a recorded failure, an exception fails the feed
+    settles: bool = False  # start_exclusive: an exception fails the feed
     started: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
@@ -194,9 +194,9 @@ class ContinuousFeed:
 
     def start_exclusive(self, fn: Callable[[StreamingEngine], T]) -> Exclusive[T]:
         """run_exclusive() without waiting: fn(engine) runs on the feed's thread once nothing is in flight; poll
-        the returned job's `done`, then read `result` or `error`. Before `done` is set, fn's success clears a
-        recorded failure and its failed ids, and fn's exception fails the feed (failure, failed_ids) like a step()
-        that raised, so nothing is admitted after a call that found the engine broken."""
+        the returned job's `done`, then read `result` or `error`. Before `done` is set, fn's exception fails the
+        feed (failure, failed_ids) like a step() that raised, so nothing is admitted after a call that found the
+        engine broken; its success leaves a failure recorded meanwhile for the caller (see _run_job)."""
         job: Exclusive[T] = Exclusive(fn, wait_idle=True, settles=True)
         with self._cond:
             if self._closed:
@@ -356,13 +356,11 @@ class ContinuousFeed:
             job.error = exc
         finally:
             self._account(had_work=True)
-            if job.settles and job.error is None:
-                with self._cond:
-                    self.failure = None
-                    self._failed = []
-                    self._cond.notify_all()
-            elif job.settles:
-                self._fail(job.error)  # type: ignore[arg-type]
+            # A started job's success clears nothing: the caller starts one only while the feed has no failure, so a
+            # failure recorded now happened while the job waited for the engine to drain (a step() that raised), and
+            # its failed requests are the caller's to hold and retry — clearing it would lose them.
+            if job.settles and job.error is not None:
+                self._fail(job.error)
             job.done.set()
 
     def _admit(self) -> None:

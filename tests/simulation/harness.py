@@ -38,6 +38,7 @@ import random
 import re
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -430,7 +431,9 @@ class SimConsumer(_Client):
     def seek(self, tp: TopicPartition) -> None:
         self._enter("seek", crash_here=False)
         if tp.partition in self.assignment_:
-            self.position[tp.partition] = tp.offset
+            # Logical offsets as librdkafka resolves them: OFFSET_BEGINNING (-2) and OFFSET_END (-1).
+            offset = {-2: 0, -1: self.cluster.end(tp.partition)}.get(tp.offset, tp.offset)
+            self.position[tp.partition] = offset
 
     def consumer_group_metadata(self) -> Any:
         return ("group", self.cluster.generation)
@@ -786,11 +789,14 @@ class Simulation:
         thread.start()
         while thread.is_alive():
             thread.join(0.02)
+            assert self.life is not None
+            if self.life.dead:  # crashed: the dead process's engine calls end with it, and its clean-up is not polling
+                self.hangs.release_due(everything=True)
+                continue
             self.hangs.release_due()
             blocked = time.monotonic() - self.last_tick
             if blocked > STUCK_S:
                 self.cluster.violation("responsiveness", f"the polling thread was blocked > {STUCK_S:.0f} s: worker abandoned")
-                assert self.life is not None
                 self.life.dead = True
                 self.hangs.release_due(everything=True)
                 thread.join(5)
@@ -831,7 +837,11 @@ class Simulation:
                     self._check_duplicates(consumer)
                 if how == "exception":
                     # No injected fault raises an Exception out of run(): the documented families end it with an exit code.
-                    self.cluster.violation("crash", f"run() raised {type(detail).__name__}: {str(detail)[:160]}")
+                    frames = traceback.extract_tb(detail.__traceback__) if isinstance(detail, BaseException) else []
+                    where = next((f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}" for f in reversed(frames)
+                                  if "/processor/" in f.filename), "")
+                    self.cluster.violation("crash", f"run() raised {type(detail).__name__}: {str(detail)[:160]}"
+                                           + (f" (at {where})" if where else ""))
                 restarts += 1
                 if not self.plan.faults_on:
                     quiet_restarts += 1

@@ -470,10 +470,37 @@ def test_start_exclusive_returns_at_once_and_its_outcome_settles_the_feed(feeds)
     failing = feed.start_exclusive(broken)
     assert failing.done.wait(TIMEOUT) and isinstance(failing.error, RuntimeError)
     assert feed.failure is failing.error and feed.wanted() == 0, "a call that found the engine broken fails the feed"
-    feed.submit("after", sized(10, 1))
     healed = feed.start_exclusive(lambda e: None)
-    assert healed.done.wait(TIMEOUT) and feed.failure is None, "a call that worked clears the failure"
+    assert healed.done.wait(TIMEOUT) and feed.failure is failing.error, "the failure stays for the caller (reset) to handle"
+    feed.reset()
+    feed.submit("after", sized(10, 1))
     assert set(collect(feed, 1)) == {"after"}
+
+
+def test_a_step_that_fails_while_an_exclusive_call_waits_is_not_cleared_by_that_calls_success(feeds):
+    """Found by the simulation: a probe queued behind requests in flight ran once a failing step() had released them,
+    succeeded, and cleared the failure — the requests in flight at the failure were then known to nobody."""
+    gate = threading.Event()
+
+    class FailsOnce(RecordingEngine):
+        failed = False
+
+        def step(self):
+            if not self.failed:
+                self.failed = True
+                gate.wait(TIMEOUT)  # fails only once the exclusive call waits behind it
+                raise RuntimeError("the engine as a whole")
+            return super().step()
+
+    feed = feeds(FailsOnce(step_delay=0.01))
+    submit_all(feed, {"in-flight": sized(10, 20)})
+    deadline = time.monotonic() + TIMEOUT
+    while feed.in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    job = feed.start_exclusive(lambda e: e.generate([sized(10, 1, "probe")]))
+    gate.set()
+    assert job.done.wait(TIMEOUT) and job.error is None
+    assert feed.failure is not None and feed.failed_ids() == ["in-flight"], "the caller must still see what failed"
 
 
 def test_stalled_for_is_how_long_the_engine_call_running_now_has_not_returned(feeds):
