@@ -1,18 +1,18 @@
 """A failing event does not sink its batch, and a failing engine is not blamed on the events.
 
-When generate() raises for a batch, a known-good probe (the warm-up prompt) is asked first: if the probe fails
-too, the engine (the GPU) is broken — EngineUnavailableError, infrastructure, nothing dead-lettered. Otherwise
-the batch is bisected: each half is retried on its own; a single prompt that still raises is that event's failure
-(→ DLQ) and every other event of the batch is published. When every event of a batch ends up failed, the probe
-decides again, so a GPU that dies mid-bisection is never mistaken for a batch of poison. A lone poison event in a
-batch of one is dead-lettered (the probe succeeds), so it never stalls its partition — but only after it failed
-twice on its own: a prompt whose call fails alone is retried once more alone before it is blamed, so one transient
-failure on a batch of one costs a retry, not a good event. An empty summary is a failure too, never a summary. k bad
-events out of n cost about 2·k·log2(n) extra engine calls, paid only when something fails.
+When generate() raises for a batch (or answers with the wrong number of outputs), a known-good probe (the warm-up
+prompt) is asked first: if the probe fails too, the engine (the GPU) is broken — EngineUnavailableError,
+infrastructure, nothing dead-lettered. Otherwise the batch is bisected: each half is retried on its own, down to
+single prompts. Before any event's failure stands — raised alone, an error or an empty summary — the probe is asked
+again and each failed event gets one more try on its own: an engine that was sick for a few calls (failing every
+request, say) is caught by the probe or recovers on the retry, and only what fails again alone while the probe
+passes is the event's own (→ DLQ). A lone poison event in a batch of one is dead-lettered that way, so it never
+stalls its partition. k bad events out of n cost about 2·k·log2(n) + 2k + 2 extra engine calls, paid only when
+something fails.
 
 FailurePolicy is the one place both generation modes ask before a failed outcome becomes a dead letter: micro-
-batches through generate_isolated(), the continuous feed (whose failures arrive request by request) by holding
-failed outcomes until the policy says to probe and then confirming them with the same probe.
+batches through generate_isolated(), the continuous feed (whose failures arrive request by request) by resubmitting
+a failed request once, then holding what failed twice and settling it through the same generate_isolated().
 """
 
 from __future__ import annotations
@@ -56,9 +56,10 @@ def probe_with(engine: Engine, prompt: Prompt) -> Probe:
 def generate_isolated(engine: Engine, prompts: Sequence[Prompt], probe: Probe | None = None) -> list[Generation | EventGenerationError]:
     """One outcome per prompt; raises EngineUnavailableError when the probe says the engine itself is broken.
 
-    A call that raises or answers with the wrong number of outputs is bisected; every event whose outcome is then a
-    failure gets one more try on its own before it is blamed (a transient engine error, or one that hit every request
-    of a call, must not cost good events); when every event failed, the probe decides first."""
+    A call that raises or answers with the wrong number of outputs is bisected. Before any event's failure stands,
+    the probe is asked (an engine that fails a known-good prompt now is broken, and nothing is the events' fault) and
+    each failed event gets one more try on its own: a transient engine error, or one that hit every request of a few
+    calls, never costs a good event; only what fails again alone, with the probe passing, is the event's own."""
     if not prompts:
         return []
     try:
@@ -68,10 +69,12 @@ def generate_isolated(engine: Engine, prompts: Sequence[Prompt], probe: Probe | 
             probe()  # the engine, not the batch? then stop here: bisecting a dead GPU would dead-letter everything
         log.warning("generate() failed for a batch of %d; bisecting to isolate the failing event(s): %s", len(prompts), exc)
         outcomes = _bisect(engine, prompts)
-    else:
-        outcomes = confirm_failures(outcomes, probe)
-        outcomes = _second_try_alone(engine, prompts, outcomes)
-    return confirm_failures(outcomes, probe)
+    if not any(isinstance(o, EventGenerationError) for o in outcomes):
+        return outcomes
+    if probe is not None:
+        probe()
+    outcomes = _second_try_alone(engine, prompts, outcomes)
+    return confirm_failures(outcomes, probe, any_failed=True)
 
 
 def _second_try_alone(engine: Engine, prompts: Sequence[Prompt], outcomes: list[Outcome]) -> list[Outcome]:
@@ -87,10 +90,12 @@ def _second_try_alone(engine: Engine, prompts: Sequence[Prompt], outcomes: list[
     return retried
 
 
-def confirm_failures(outcomes: list[Outcome], probe: Probe | None) -> list[Outcome]:
-    """When every outcome failed, the probe decides: it raises EngineUnavailableError (the engine, not the records:
-    nothing becomes a dead letter) or the failures stand as the records' own."""
-    if probe is not None and outcomes and all(isinstance(o, EventGenerationError) for o in outcomes):
+def confirm_failures(outcomes: list[Outcome], probe: Probe | None, *, any_failed: bool = False) -> list[Outcome]:
+    """When every outcome failed (with `any_failed`: when any did), the probe decides: it raises
+    EngineUnavailableError (the engine, not the records: nothing becomes a dead letter) or the failures stand as the
+    records' own."""
+    failed = [isinstance(o, EventGenerationError) for o in outcomes]
+    if probe is not None and outcomes and (any(failed) if any_failed else all(failed)):
         probe()
     return outcomes
 
@@ -126,11 +131,10 @@ class FailurePolicy:
 
 def _bisect(engine: Engine, prompts: Sequence[Prompt]) -> list[Generation | EventGenerationError]:
     if len(prompts) == 1:
-        # Failed alone: once more alone before it is blamed (a transient engine error must not cost a good event).
         try:
             return _attempt(engine, prompts)
-        except Exception as exc:  # noqa: BLE001 - the second failure on its own is this event's
-            log.warning("generate() failed twice for one event on its own; it is that event's failure: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - failed alone: it gets one more try alone once the batch is settled
+            log.warning("generate() failed for one event on its own: %s", exc)
             return [EngineCallError(f"{type(exc).__name__}: {exc}")]
     middle = len(prompts) // 2
     return _isolate(engine, prompts[:middle]) + _isolate(engine, prompts[middle:])
@@ -141,8 +145,10 @@ def _isolate(engine: Engine, prompts: Sequence[Prompt]) -> list[Generation | Eve
         outcomes = _attempt(engine, prompts)
     except Exception as exc:  # noqa: BLE001
         log.debug("generate() failed for %d prompt(s): %s", len(prompts), exc)
+        if len(prompts) == 1:  # failed alone: it gets one more try alone once the batch is settled
+            return [EngineCallError(f"{type(exc).__name__}: {exc}")]
         return _bisect(engine, prompts)
-    return _second_try_alone(engine, prompts, outcomes) if len(prompts) > 1 else outcomes
+    return outcomes  # failed outcomes get their try alone once the whole batch is settled (generate_isolated)
 
 
 class OutputCountError(RuntimeError):
