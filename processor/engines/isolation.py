@@ -3,10 +3,10 @@
 When generate() raises for a batch (or answers with the wrong number of outputs), a known-good probe (the warm-up
 prompt) is asked first: if the probe fails too, the engine (the GPU) is broken — EngineUnavailableError,
 infrastructure, nothing dead-lettered. Otherwise the batch is bisected: each half is retried on its own, down to
-single prompts. Before any event's failure stands — raised alone, an error or an empty summary — the probe is asked
-again and each failed event gets one more try on its own: an engine that was sick for a few calls (failing every
-request, say) is caught by the probe or recovers on the retry, and only what fails again alone while the probe
-passes is the event's own (→ DLQ). A lone poison event in a batch of one is dead-lettered that way, so it never
+single prompts. Before any event's failure stands — raised alone, an error or an empty summary — each failed event
+gets one more try on its own, with the probe asked right before and right after it: an engine that was sick for a
+few calls (failing every request, say) is caught by a probe or recovers on the retry, and only what fails again
+alone between two passing probes is the event's own (→ DLQ). A lone poison event in a batch of one is dead-lettered that way, so it never
 stalls its partition. k bad events out of n cost about 2·k·log2(n) + 2k + 2 extra engine calls, paid only when
 something fails.
 
@@ -73,12 +73,13 @@ def generate_isolated(engine: Engine, prompts: Sequence[Prompt], probe: Probe | 
         return outcomes
     if probe is not None:
         probe()
-    outcomes = _second_try_alone(engine, prompts, outcomes)
-    return confirm_failures(outcomes, probe, any_failed=True)
+    return _second_try_alone(engine, prompts, outcomes, probe)
 
 
-def _second_try_alone(engine: Engine, prompts: Sequence[Prompt], outcomes: list[Outcome]) -> list[Outcome]:
-    """Each failed outcome of a batch call, once more on its own: the second failure alone is the event's."""
+def _second_try_alone(engine: Engine, prompts: Sequence[Prompt], outcomes: list[Outcome], probe: Probe | None = None) -> list[Outcome]:
+    """Each failed outcome of a batch call, once more on its own. A failure on its own stands only with the probe
+    passing right before it (the caller's, or the previous event's) and right after it: an engine fault lasting two
+    calls or more is then always caught by a probe, whichever retries it strikes."""
     retried = list(outcomes)
     for index, outcome in enumerate(outcomes):
         if not isinstance(outcome, EventGenerationError):
@@ -87,15 +88,15 @@ def _second_try_alone(engine: Engine, prompts: Sequence[Prompt], outcomes: list[
             retried[index] = _attempt(engine, [prompts[index]])[0]
         except Exception as exc:  # noqa: BLE001 - raising on its own, after failing in the batch: the event's
             retried[index] = EngineCallError(f"{type(exc).__name__}: {exc}")
+        if probe is not None and isinstance(retried[index], EventGenerationError):
+            probe()
     return retried
 
 
-def confirm_failures(outcomes: list[Outcome], probe: Probe | None, *, any_failed: bool = False) -> list[Outcome]:
-    """When every outcome failed (with `any_failed`: when any did), the probe decides: it raises
-    EngineUnavailableError (the engine, not the records: nothing becomes a dead letter) or the failures stand as the
-    records' own."""
-    failed = [isinstance(o, EventGenerationError) for o in outcomes]
-    if probe is not None and outcomes and (any(failed) if any_failed else all(failed)):
+def confirm_failures(outcomes: list[Outcome], probe: Probe | None) -> list[Outcome]:
+    """When every outcome failed, the probe decides: it raises EngineUnavailableError (the engine, not the records:
+    nothing becomes a dead letter) or the failures stand as the records' own."""
+    if probe is not None and outcomes and all(isinstance(o, EventGenerationError) for o in outcomes):
         probe()
     return outcomes
 

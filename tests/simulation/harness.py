@@ -620,7 +620,7 @@ class Hangs:
 
 class SimEngine(ExtractiveEngine):
     """The extractive engine with faults per generate() call (continuous mode's step() calls generate() for the
-    requests that finish, so step() fails, hangs or slows the same way). A fault lasts a spell of 1-4 calls, so
+    requests that finish, so step() fails, hangs or slows the same way). A fault lasts a spell of 2-4 calls, so
     the probe (the warm-up prompt, through generate()) sometimes fails with the batch. Poison events always fail."""
 
     def __init__(self, plan: Plan, life: Life, hangs: Hangs) -> None:
@@ -641,7 +641,10 @@ class SimEngine(ExtractiveEngine):
         for kind in ("engine_raise", "engine_error", "engine_empty", "engine_count", "engine_hang"):
             # Engine calls are few (one per batch or step that finishes something): faults land on them more often.
             if self.plan.fault(kind, self.life.number, "engine", self.calls, scale=ENGINE_SCALE):
-                length = _rng(self.plan.seed, "spell", self.life.number, self.calls).randint(1, 4)
+                # At least two calls: a fault of exactly one call that strikes an event's last retry alone, with
+                # the known-good probe passing in the calls just before and after it, looks exactly like that event's
+                # own failure to any bounded retry policy (the worker probes before and after that retry).
+                length = _rng(self.plan.seed, "spell", self.life.number, self.calls).randint(2, 4)
                 self._spell = (kind, length - 1) if length > 1 else None
                 return kind
         return None

@@ -179,3 +179,28 @@ def test_an_event_that_fails_alone_twice_is_its_own_failure():
     assert isinstance(outputs[1], EngineCallError)
     assert [o for i, o in enumerate(outputs) if i != 1] == ExtractiveEngine().generate(prompts_for([e for i, e in enumerate(events) if i != 1]))
     assert engine.calls.count(["e1"]) == 2, "alone once, then once more alone: no more"
+
+
+def test_an_engine_fault_spanning_two_retries_alone_is_caught_by_the_probe_between_them():
+    from processor.engines.isolation import probe_with
+    from processor.errors import EngineUnavailableError
+
+    class SickSpell(ExtractiveEngine):
+        """The first call fails two events by error; calls 3 and 4 raise (a two-call fault) whatever they hold."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def generate(self, prompts):
+            self.calls += 1
+            if self.calls in (3, 4):
+                raise RuntimeError("simulated CUDA error")
+            outputs = super().generate(prompts)
+            return [EventGenerationError("sick") for _ in outputs] if self.calls == 1 else outputs
+
+    events = [e | {"event_id": f"e{i}"} for i, e in enumerate(sample_events()[:2])]
+    engine = SickSpell()
+    probe = prompts_for([sample_events()[2] | {"event_id": "probe"}])[0]
+    with pytest.raises(EngineUnavailableError):
+        generate_isolated(engine, prompts_for(events), probe_with(engine, probe))
