@@ -133,6 +133,20 @@ class Settings(BaseSettings):
     sampling_temperature: float = Field(0.7, ge=0.0)
     sampling_top_p: float = Field(0.9, gt=0.0, le=1.0)
     sampling_max_tokens: int = Field(1536, ge=1)
+    # Repetition control (issue 18: a small model loops to the token cap). Neutral by default, the ADR's sampling;
+    # the loop guard (processor/guards.py) trims what loops anyway.
+    sampling_repetition_penalty: float = Field(
+        1.0, gt=0.0, description="both engines: > 1 makes tokens already in the prompt or the summary less likely (1: off)"
+    )
+    sampling_frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="ENGINE=vllm: lowers a token's logit by this much per time it was generated (0: off)"
+    )
+    sampling_presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="ENGINE=vllm: lowers a token's logit by this much once it was generated (0: off)"
+    )
+    sampling_no_repeat_ngram_size: int = Field(
+        0, ge=0, description="ENGINE=transformers: never generate an n-gram of this many tokens twice (0: off)"
+    )
 
     # Prompt
     summary_language: str = Field("auto", description="auto: the query's language; or a language name/tag to force")

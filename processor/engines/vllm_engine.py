@@ -86,10 +86,14 @@ def llm_kwargs(settings: Settings) -> dict[str, Any]:
 
 
 def sampling_kwargs(settings: Settings) -> dict[str, Any]:
+    """SamplingParams fields; the repetition penalties are fields of 0.6.3's and of V1's SamplingParams alike."""
     return {
         "temperature": settings.sampling_temperature,
         "top_p": settings.sampling_top_p,
         "max_tokens": settings.sampling_max_tokens,
+        "repetition_penalty": settings.sampling_repetition_penalty,
+        "frequency_penalty": settings.sampling_frequency_penalty,
+        "presence_penalty": settings.sampling_presence_penalty,
     }
 
 

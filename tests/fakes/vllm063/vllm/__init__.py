@@ -51,10 +51,24 @@ class RequestOutputKind(Enum):  # vllm.sampling_params.RequestOutputKind
     FINAL_ONLY = 2
 
 
+# SamplingParams' other fields in 0.6.3 (a msgspec.Struct: any other keyword is a TypeError there, and here).
+_OTHER_SAMPLING_FIELDS = frozenset({
+    "best_of", "min_p", "stop", "stop_token_ids", "include_stop_str_in_output", "logprobs", "prompt_logprobs",
+    "detokenize", "skip_special_tokens", "spaces_between_special_tokens", "logits_processors", "output_kind",
+    "guided_decoding", "logit_bias", "allowed_token_ids",
+})
+
+
 class SamplingParams:
-    def __init__(self, n: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, seed: Optional[int] = None,
-                 ignore_eos: bool = False, max_tokens: Optional[int] = 16, min_tokens: int = 0,
+    def __init__(self, n: int = 1, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 repetition_penalty: float = 1.0, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1,
+                 seed: Optional[int] = None, ignore_eos: bool = False, max_tokens: Optional[int] = 16, min_tokens: int = 0,
                  truncate_prompt_tokens: Optional[int] = None, **kwargs: Any) -> None:
+        unknown = set(kwargs) - _OTHER_SAMPLING_FIELDS
+        if unknown:
+            raise TypeError(f"Unexpected keyword argument(s) {sorted(unknown)}")
+        self.presence_penalty, self.frequency_penalty = presence_penalty, frequency_penalty
+        self.repetition_penalty = repetition_penalty
         self.n, self.temperature, self.top_p, self.top_k, self.seed = n, temperature, top_p, top_k, seed
         self.ignore_eos = ignore_eos
         self.max_tokens, self.min_tokens, self.truncate_prompt_tokens = max_tokens, min_tokens, truncate_prompt_tokens
