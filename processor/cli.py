@@ -1,4 +1,4 @@
-"""Command line: `python -m processor {run,demo,broker,produce,consume,lag,replay,summarize,plan,fetch-model,tiny-model}`.
+"""Command line: `python -m processor {run,demo,broker,produce,consume,lag,replay,summarize,plan,quality,fetch-model,tiny-model}`.
 
 Every command ends a failure with one line, `error: <what to fix>`, and an exit code from `processor.errors`
 (README, "Exit codes"); `--debug` adds the traceback and the clients' debug logging.
@@ -88,7 +88,10 @@ def _demo(args: argparse.Namespace) -> int:
     from processor.logs import configure_logging
 
     configure_logging("text", "DEBUG" if args.debug else "WARNING")
-    return run_demo(engine=args.engine, model=args.model, repeat=args.repeat)
+    from pathlib import Path
+
+    cache = Path(args.model_cache) if args.model_cache else None
+    return run_demo(engine=args.engine, model=args.model, repeat=args.repeat, model_cache=cache)
 
 
 def _broker(args: argparse.Namespace) -> int:
@@ -172,6 +175,22 @@ def _consume(args: argparse.Namespace) -> int:
         settings.kafka_common(), topic, dead_letters=args.dlq, max_records=args.max, idle_timeout_s=args.idle_timeout, codec=codec
     ):
         print(json.dumps(record, ensure_ascii=False), flush=True)
+    return EXIT_OK
+
+
+def _quality(args: argparse.Namespace) -> int:
+    from processor.codec import make_codec
+    from processor.quality import report
+    from processor.reachability import require_broker
+    from processor.tools import read_topic
+
+    settings = load_settings()
+    _tool_logging(args)
+    topic = args.topic or settings.kafka_output_topic
+    require_broker(settings.kafka_common())
+    summaries = list(read_topic(settings.kafka_common(), topic, max_records=args.max, idle_timeout_s=args.idle_timeout,
+                                codec=make_codec(settings.schema_registry_url)))
+    print(f"{topic}: " + report(summaries, worst=args.worst), flush=True)
     return EXIT_OK
 
 
@@ -408,7 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--engine", choices=["extractive", "transformers"], help="engine to summarise with (default: ENGINE, else extractive)"
     )
-    demo.add_argument("--model", help="model directory for --engine transformers (python -m processor tiny-model DIR makes one)")
+    demo.add_argument("--model", help="smollm2: a real model (SmolLM2-135M-Instruct, fetched once; Transformers on the CPU, a "
+                      "couple of minutes), or a model directory for --engine transformers")
+    demo.add_argument("--model-cache", help="where --model smollm2 is fetched to (default: ~/.cache/ai-worker/models)")
     demo.add_argument("--repeat", type=int, default=1, help="send the sample events this many times (throughput)")
     demo.set_defaults(func=_demo)
 
@@ -430,6 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--max", type=int, help="stop after this many records (default: no limit)")
     consume.add_argument("--idle-timeout", type=float, default=3.0, help="stop after this many seconds without a record")
     consume.set_defaults(func=_consume)
+
+    quality = command("quality", "read a summary topic; print the quality signals' shares, the length distribution and the worst summaries")
+    quality.add_argument("--topic", help="topic to read (default: KAFKA_OUTPUT_TOPIC)")
+    quality.add_argument("--max", type=int, help="read at most this many summaries (default: no limit)")
+    quality.add_argument("--worst", type=int, default=3, help="show this many of the worst summaries")
+    quality.add_argument("--idle-timeout", type=float, default=3.0, help="stop after this many seconds without a record")
+    quality.set_defaults(func=_quality)
 
     lag = command("lag", "per-partition committed offset, end offset and lag of the consumer group on KAFKA_INPUT_TOPIC")
     lag.add_argument("--group", help="consumer group (default: KAFKA_GROUP_ID)")

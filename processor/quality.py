@@ -90,3 +90,63 @@ def language_mismatch(text: str, language: str) -> bool:
     scripts = _SCRIPTS.get(language.split("-")[0].lower(), (_LATIN,))
     expected = sum(len(pattern.findall(sample)) for pattern in scripts)
     return expected / letters < MISMATCH_BELOW
+
+
+# ------------------------------------------------------------------------------------ `python -m processor quality`
+def _percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else 0.0
+
+
+def _badness(summary: dict[str, Any]) -> float:
+    """How much a summary deserves a look: loops and cut-offs first, then invented citations, then low grounding."""
+    quality = summary.get("quality") or {}
+    return (2.0 * bool(quality.get("loop_trimmed")) + 1.5 * (summary.get("finish_reason") == "length")
+            + 1.0 * bool(quality.get("citations_out_of_range")) + 1.0 * bool(quality.get("language_mismatch"))
+            + (1.0 - float(quality.get("grounded_share", 1.0))))
+
+
+def report(summaries: list[dict[str, Any]], worst: int = 3, width: int = 160) -> str:
+    """The shares of each signal, the length distribution and the `worst` summaries, as text for an operator."""
+    total = len(summaries)
+    if not total:
+        return "no summaries read"
+    measured = [s for s in summaries if s.get("quality")]
+    quality = [s["quality"] for s in measured]
+
+    def share(count: int, of: int) -> str:
+        return f"{count / of:6.1%}  ({count} of {of})" if of else "     —  (not measured)"
+
+    tokens = [float(s.get("completion_tokens", 0)) for s in summaries]
+    chars = [float(len(s.get("summary", ""))) for s in summaries]
+    grounded = [float(q["grounded_share"]) for q in quality]
+    models = sorted({f"{s.get('engine')}:{s.get('model')} prompt {s.get('prompt_version')}" for s in summaries})
+    lines = [
+        f"{total} summaries ({len(measured)} with quality signals, schema v3); " + "; ".join(models[:3])
+        + (f" and {len(models) - 3} more" if len(models) > 3 else ""),
+        f"  cut off by the token cap     {share(sum(s.get('finish_reason') == 'length' for s in summaries), total)}",
+        f"  loop trimmed                 {share(sum(bool(q['loop_trimmed']) for q in quality), len(quality))}",
+        f"  cite no result               {share(sum(not s.get('citations') for s in summaries), total)}",
+        f"  cite a result that is absent {share(sum(q['citations_out_of_range'] > 0 for q in quality), len(quality))}",
+        f"  language mismatch            {share(sum(bool(q['language_mismatch']) for q in quality), len(quality))}",
+        f"  grounded share               median {_percentile(grounded, 0.5):.2f}, p10 {_percentile(grounded, 0.1):.2f}"
+        if grounded else "  grounded share               — (not measured)",
+        f"  completion tokens            p50 {_percentile(tokens, 0.5):.0f}, p90 {_percentile(tokens, 0.9):.0f}, "
+        f"max {max(tokens):.0f}",
+        f"  summary characters           p50 {_percentile(chars, 0.5):.0f}, p90 {_percentile(chars, 0.9):.0f}, "
+        f"max {max(chars):.0f}",
+    ]
+    flagged = sorted((s for s in summaries if _badness(s) > 0.5), key=_badness, reverse=True)[:worst]
+    if flagged:
+        lines.append(f"worst {len(flagged)}:")
+    for summary in flagged:
+        q = summary.get("quality") or {}
+        flags = [name for name, on in (("cut off", summary.get("finish_reason") == "length"),
+                                       ("loop trimmed", q.get("loop_trimmed")),
+                                       (f"{q.get('citations_out_of_range')} absent citation(s)", q.get("citations_out_of_range")),
+                                       ("language mismatch", q.get("language_mismatch"))) if on]
+        text = " ".join(str(summary.get("summary", "")).split())
+        lines.append(f"  {summary.get('event_id')}  grounded {q.get('grounded_share', '—')}  "
+                     f"{summary.get('completion_tokens')} tokens  {', '.join(flags) or 'low grounding'}")
+        lines.append(f"    {text[:width]}{'…' if len(text) > width else ''}")
+    return "\n".join(lines)
