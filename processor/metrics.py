@@ -59,6 +59,9 @@ class Metrics:
         self.summaries_language_mismatch = Counter(
             "ai_worker_summaries_language_mismatch", "Summaries not in the script of the language asked for", registry=r
         )
+        self.summaries_prompt_echo = Counter(
+            "ai_worker_summaries_prompt_echo", "Summaries that copy the prompt's own markup back", registry=r
+        )
         self.grounded_share = Histogram(
             "ai_worker_summary_grounded_share", "Share of a summary's content words found in its query and results",
             buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r,
@@ -119,6 +122,7 @@ class Metrics:
         self.summaries_uncited.inc(quality.citations == 0)
         self.citations_out_of_range.inc(quality.citations_out_of_range)
         self.summaries_language_mismatch.inc(quality.language_mismatch)
+        self.summaries_prompt_echo.inc(quality.prompt_echo)
         self.grounded_share.observe(quality.grounded_share)
 
     def committed(self, tp: tuple[str, int], offset: int) -> None:

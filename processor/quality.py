@@ -27,7 +27,10 @@ _LATIN = re.compile(r"[A-Za-z\u00c0-\u024f]")
 # Scripts each summary language is written in; a summary whose letters are mostly of another script is a mismatch.
 _SCRIPTS = {"ko": (_HANGUL,), "ja": (_KANA, _HAN), "zh": (_HAN,)}
 MISMATCH_BELOW = 0.3  # share of the letters in the expected script
-SAMPLE_CHARS = 2000  # the script shows in the first characters; a loop of 1,536 tokens need not be read whole
+SAMPLE_CHARS = 2000
+# The delimiters processor/prompt.py wraps the query and results in; web text inside them is neutralised there, so in
+# a summary they can only come from the model copying its prompt.
+_PROMPT_MARKUP = re.compile(r"<\s*/?\s*(?:search_results|result|query)\b", re.IGNORECASE)  # the script shows in the first characters; a loop of 1,536 tokens need not be read whole
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class Quality:
     citations_out_of_range: int  # distinct [n] markers that name no result of the prompt
     grounded_share: float  # share of the summary's content words found in the query or the results, 0..1
     language_mismatch: bool  # the summary is not written in the script of the language it was asked for
+    prompt_echo: bool  # the summary copies the prompt's own markup (<query>, <result …>): the input echoed back
 
     def as_record(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +61,7 @@ def assess(prompt: Prompt, text: str, finish_reason: str, guarded: Guarded | Non
         citations_out_of_range=len(cited) - in_range,
         grounded_share=grounded_share(text, prompt),
         language_mismatch=language_mismatch(text, prompt.language),
+        prompt_echo=bool(_PROMPT_MARKUP.search(text)),
     )
 
 
@@ -103,6 +108,7 @@ def _badness(summary: dict[str, Any]) -> float:
     quality = summary.get("quality") or {}
     return (2.0 * bool(quality.get("loop_trimmed")) + 1.5 * (summary.get("finish_reason") == "length")
             + 1.0 * bool(quality.get("citations_out_of_range")) + 1.0 * bool(quality.get("language_mismatch"))
+            + 1.5 * bool(quality.get("prompt_echo"))
             + (1.0 - float(quality.get("grounded_share", 1.0))))
 
 
@@ -129,6 +135,7 @@ def report(summaries: list[dict[str, Any]], worst: int = 3, width: int = 160) ->
         f"  cite no result               {share(sum(not s.get('citations') for s in summaries), total)}",
         f"  cite a result that is absent {share(sum(q['citations_out_of_range'] > 0 for q in quality), len(quality))}",
         f"  language mismatch            {share(sum(bool(q['language_mismatch']) for q in quality), len(quality))}",
+        f"  prompt echoed back           {share(sum(bool(q.get('prompt_echo')) for q in quality), len(quality))}",
         f"  grounded share               median {_percentile(grounded, 0.5):.2f}, p10 {_percentile(grounded, 0.1):.2f}"
         if grounded else "  grounded share               — (not measured)",
         f"  completion tokens            p50 {_percentile(tokens, 0.5):.0f}, p90 {_percentile(tokens, 0.9):.0f}, "
@@ -144,7 +151,8 @@ def report(summaries: list[dict[str, Any]], worst: int = 3, width: int = 160) ->
         flags = [name for name, on in (("cut off", summary.get("finish_reason") == "length"),
                                        ("loop trimmed", q.get("loop_trimmed")),
                                        (f"{q.get('citations_out_of_range')} absent citation(s)", q.get("citations_out_of_range")),
-                                       ("language mismatch", q.get("language_mismatch"))) if on]
+                                       ("language mismatch", q.get("language_mismatch")),
+                                       ("prompt echoed", q.get("prompt_echo"))) if on]
         text = " ".join(str(summary.get("summary", "")).split())
         lines.append(f"  {summary.get('event_id')}  grounded {q.get('grounded_share', '—')}  "
                      f"{summary.get('completion_tokens')} tokens  {', '.join(flags) or 'low grounding'}")

@@ -116,5 +116,6 @@ def test_quality_signals_on_real_output_are_in_range_and_round_trip(generated):
         assert 0.0 <= quality["grounded_share"] <= 1.0
         assert quality["citations"] == len(summary["citations"]) and quality["citations_out_of_range"] >= 0
         assert quality["trimmed_chars"] >= 0 and (quality["trimmed_chars"] > 0) == quality["loop_trimmed"]
+        assert isinstance(quality["prompt_echo"], bool) and isinstance(quality["language_mismatch"], bool)
         if prompt.language == "en":
             assert not quality["language_mismatch"]  # an English model answers English in English

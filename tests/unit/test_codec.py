@@ -54,7 +54,7 @@ PINNED = {
     ("ai_worker.SearchResultEvent", 2): "138129c7dda5a390",
     ("ai_worker.SearchSummary", 1): "db806a53add4021e",
     ("ai_worker.SearchSummary", 2): "c56098b7506cbbc2",
-    ("ai_worker.SearchSummary", 3): "d0d3a48d18e4b859",
+    ("ai_worker.SearchSummary", 3): "d290e7174fff5309",
     ("ai_worker.DeadLetter", 1): "f640fc745b8ed282",
 }
 
@@ -158,7 +158,7 @@ def test_every_older_summary_version_is_still_read():
 
 
 QUALITY = {"cut_off": True, "loop_trimmed": True, "trimmed_chars": 120, "citations": 1, "citations_out_of_range": 2,
-           "grounded_share": 0.5, "language_mismatch": False}
+           "grounded_share": 0.5, "language_mismatch": False, "prompt_echo": True}
 
 
 def test_a_summary_carries_its_quality_signals():

@@ -80,6 +80,7 @@ def test_a_published_summary_is_trimmed_carries_its_signals_and_counts_them():
     value = metrics.registry.get_sample_value
     assert value("ai_worker_summaries_loop_trimmed_total") == 1 and value("ai_worker_summaries_cut_off_total") == 1
     assert value("ai_worker_summaries_uncited_total") == 0 and value("ai_worker_summary_grounded_share_count") == 1
+    assert value("ai_worker_summaries_prompt_echo_total") == 0
 
 
 def test_the_report_shows_shares_lengths_and_the_worst_first():
@@ -89,12 +90,18 @@ def test_the_report_shows_shares_lengths_and_the_worst_first():
     good = {**base, "event_id": "good", "summary": "Fine [1].", "finish_reason": "stop", "completion_tokens": 40,
             "quality": {"loop_trimmed": False, "citations_out_of_range": 0, "language_mismatch": False, "grounded_share": 0.9}}
     looped = {**base, "event_id": "looped", "summary": "No.", "finish_reason": "length", "completion_tokens": 1536, "citations": [],
-              "quality": {"loop_trimmed": True, "citations_out_of_range": 0, "language_mismatch": False, "grounded_share": 0.2}}
+              "quality": {"loop_trimmed": True, "citations_out_of_range": 0, "language_mismatch": False, "grounded_share": 0.2, "prompt_echo": True}}
     old = {**base, "event_id": "v2", "summary": "Old [1].", "finish_reason": "stop", "completion_tokens": 60, "quality": None}
     text = report([good, looped, old], worst=2)
     assert "3 summaries (2 with quality signals" in text
     assert "cut off by the token cap      33.3%  (1 of 3)" in text and "loop trimmed                  50.0%  (1 of 2)" in text
-    assert "max 1536" in text
+    assert "max 1536" in text and "prompt echoed back            50.0%  (1 of 2)" in text
     worst = text[text.index("worst"):]
     assert worst.index("looped") < (worst.index("good") if "good" in worst else len(worst))
     assert report([]) == "no summaries read"
+
+
+def test_a_summary_that_copies_its_prompt_back_is_flagged():
+    echoed = "<query>best practices</query>\n\n<search_results>\n<result rank=\"1\">\ntitle: Error handling"
+    assert assess(prompt_for(), echoed, "length").prompt_echo
+    assert not assess(prompt_for(), "Send failing records to a dead letter topic [1].", "stop").prompt_echo
