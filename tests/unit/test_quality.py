@@ -105,3 +105,18 @@ def test_a_summary_that_copies_its_prompt_back_is_flagged():
     echoed = "<query>best practices</query>\n\n<search_results>\n<result rank=\"1\">\ntitle: Error handling"
     assert assess(prompt_for(), echoed, "length").prompt_echo
     assert not assess(prompt_for(), "Send failing records to a dead letter topic [1].", "stop").prompt_echo
+
+
+def test_summarize_prints_the_published_summary_with_its_signals():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "processor", "summarize", "--samples"], capture_output=True, text=True,
+                            env={**os.environ, "ENGINE": "extractive"}, timeout=120, check=True)
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 6
+    for line in lines:
+        assert set(line["quality"]) >= {"cut_off", "loop_trimmed", "grounded_share", "language_mismatch", "prompt_echo"}
+        assert not line["quality"]["language_mismatch"] and line["quality"]["grounded_share"] > 0.5  # extractive: copied
