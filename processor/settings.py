@@ -116,6 +116,11 @@ class Settings(BaseSettings):
         None, ge=1, description="continuous: records read but not yet committed, at most (the duplicate bound after a "
         "crash; default: 8 in-flight windows)",
     )
+    continuous_loop_check_tokens: int = Field(
+        0, ge=0, description="continuous, ENGINE=vllm: every this many new tokens, look for a repetition loop in a "
+        "request's text so far and stop it there (finish_reason loop), its GPU time returned to others; vLLM then "
+        "reports every running request at every step (DELTA outputs). 0: off",
+    )
     model: str = Field("Qwen/Qwen2.5-7B-Instruct-AWQ", validation_alias=AliasChoices("vllm_model", "model"))
     vllm_quantization: str | None = "awq"
     vllm_gpu_memory_utilization: float = Field(0.92, gt=0.0, le=1.0)
