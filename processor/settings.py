@@ -117,6 +117,11 @@ class Settings(BaseSettings):
         None, ge=1, description="continuous: records read but not yet committed, at most (the duplicate bound after a "
         "crash; default: 8 in-flight windows)",
     )
+    continuous_loop_check_tokens: int = Field(
+        0, ge=0, description="continuous, ENGINE=vllm: every this many new tokens, look for a repetition loop in a "
+        "request's text so far and stop it there (finish_reason loop), its GPU time returned to others; vLLM then "
+        "reports every running request at every step (DELTA outputs). 0: off",
+    )
     model: str = Field("Qwen/Qwen2.5-7B-Instruct-AWQ", validation_alias=AliasChoices("vllm_model", "model"))
     vllm_quantization: str | None = "awq"
     vllm_gpu_memory_utilization: float = Field(0.92, gt=0.0, le=1.0)
@@ -148,6 +153,20 @@ class Settings(BaseSettings):
     sampling_temperature: float = Field(0.7, ge=0.0)
     sampling_top_p: float = Field(0.9, gt=0.0, le=1.0)
     sampling_max_tokens: int = Field(1536, ge=1)
+    # Repetition control (issue 18: a small model loops to the token cap). Neutral by default, the ADR's sampling;
+    # the loop guard (processor/guards.py) trims what loops anyway.
+    sampling_repetition_penalty: float = Field(
+        1.0, gt=0.0, description="both engines: > 1 makes tokens already in the prompt or the summary less likely (1: off)"
+    )
+    sampling_frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="ENGINE=vllm: lowers a token's logit by this much per time it was generated (0: off)"
+    )
+    sampling_presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="ENGINE=vllm: lowers a token's logit by this much once it was generated (0: off)"
+    )
+    sampling_no_repeat_ngram_size: int = Field(
+        0, ge=0, description="ENGINE=transformers: never generate an n-gram of this many tokens twice (0: off)"
+    )
 
     # Prompt
     summary_language: str = Field("auto", description="auto: the query's language; or a language name/tag to force")

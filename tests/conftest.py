@@ -77,7 +77,11 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch):
     from pathlib import Path
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent / "fakes" / "vllm063"))
-    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    # vllm and its submodules (vllm.sampling_params): a submodule left from an earlier test would hand out that
+    # test's classes (RequestOutputKind), unequal to the fresh double's.
+    for name in [n for n in sys.modules if n == "vllm" or n.startswith("vllm.")]:
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.delenv("VLLM_USE_V1", raising=False)
     yield
-    sys.modules.pop("vllm", None)
+    for name in [n for n in sys.modules if n == "vllm" or n.startswith("vllm.")]:
+        sys.modules.pop(name, None)

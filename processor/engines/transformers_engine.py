@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from processor.capacity import CapacityPlan, plan_for
 from processor.engines.base import EngineStartupError, EventGenerationError, Generation, Prompt
 from processor.engines.hf_tokenizer import HFChatTokenizer
+from processor.guards import REPLACEMENT_CHAR
 from processor.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,18 @@ class TransformersEngine:
         if dtype_name == "auto":
             dtype_name = "bfloat16" if device.startswith("cuda") else "float32"
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=getattr(torch, dtype_name)).to(device).eval()
+            if path.lower().endswith(".gguf"):
+                # One GGUF file (what many users hold): dequantised on load, its head tied and tokens fixed as
+                # `fetch-model` does; `fetch-model` converts once instead of on every start.
+                from pathlib import Path
+
+                from processor.model_fetch import load_gguf
+
+                model, tokenizer = load_gguf(Path(path), getattr(torch, dtype_name))
+                model = model.to(device).eval()
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+                model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=getattr(torch, dtype_name)).to(device).eval()
         except (OSError, ValueError) as exc:
             raise EngineStartupError(
                 f"cannot load model {path!r} (TRANSFORMERS_MODEL or VLLM_MODEL): {exc}"
@@ -85,6 +96,9 @@ class TransformersEngine:
                 top_k=None,
                 pad_token_id=self.pad_id,
                 eos_token_id=sorted(self.eos_ids),
+                # None leaves each off (generate() treats 1.0 and 0 as set, and pays for them per step).
+                repetition_penalty=self.settings.sampling_repetition_penalty if self.settings.sampling_repetition_penalty != 1.0 else None,
+                no_repeat_ngram_size=self.settings.sampling_no_repeat_ngram_size or None,
             )
         results: list[Generation | EventGenerationError] = []
         for row, prompt in enumerate(prompts):
@@ -92,8 +106,19 @@ class TransformersEngine:
             stop_at = next((i for i, token in enumerate(new_tokens) if token in self.eos_ids), None)
             kept = new_tokens if stop_at is None else new_tokens[:stop_at]
             finish = "stop" if stop_at is not None else "length"
-            results.append(Generation(self.tokenizer.decode(kept), finish, prompt.prompt_tokens, len(kept)))
+            results.append(Generation(self._decode(kept, finish), finish, prompt.prompt_tokens, len(kept)))
         return results
+
+    def _decode(self, tokens: list[int], finish: str) -> str:
+        """The text of `tokens`; cut by the token cap, without the tokens of a character left half-finished (a
+        byte-level tokenizer spends up to 4 tokens on one character: the decoder would end the text in U+FFFD)."""
+        text = self.tokenizer.decode(tokens)
+        if finish == "length":
+            for drop in range(1, min(4, len(tokens)) + 1):
+                if not text.endswith(REPLACEMENT_CHAR):
+                    break
+                text = self.tokenizer.decode(tokens[:-drop])
+        return text
 
     def capacity(self) -> CapacityPlan | None:
         if self.device.type != "cuda":

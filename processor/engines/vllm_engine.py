@@ -27,6 +27,10 @@ vllm/entrypoints/offline_utils.py, vllm/v1/engine/input_processor.py, vllm/v1/en
   output_kind=FINAL_ONLY (what LLM.generate sets) holds only finished requests, in any order;
   `abort_request(ids)` takes a list in both (0.6.3 accepts str or iterable; V1 iterates its argument, so a bare
   str would be read as one id per character); `has_unfinished_requests()`.
+* CONTINUOUS_LOOP_CHECK_TOKENS: requests are added with output_kind=DELTA instead (both versions have it): step()
+  then reports every running request with the tokens and text new since its last report, which are collected per
+  request; the end of the text so far is checked for a repetition loop every N tokens, and a looping request is
+  aborted and reported as finished (finish_reason "loop") with what it wrote.
 * The KV cache vLLM really allocated, once started: 0.6.3 `llm_engine.cache_config.num_gpu_blocks` × block_size
   (admission keeps 1 % of the blocks free: block manager watermark=0.01) and `llm_engine.scheduler_config
   .max_num_seqs`; V1 the same fields under `llm_engine.vllm_config`, filled in the front-end process from the
@@ -55,6 +59,7 @@ from processor.engines.base import (
     Prompt,
 )
 from processor.engines.hf_tokenizer import HFChatTokenizer
+from processor.guards import loop_start
 from processor.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -86,10 +91,14 @@ def llm_kwargs(settings: Settings) -> dict[str, Any]:
 
 
 def sampling_kwargs(settings: Settings) -> dict[str, Any]:
+    """SamplingParams fields; the repetition penalties are fields of 0.6.3's and of V1's SamplingParams alike."""
     return {
         "temperature": settings.sampling_temperature,
         "top_p": settings.sampling_top_p,
         "max_tokens": settings.sampling_max_tokens,
+        "repetition_penalty": settings.sampling_repetition_penalty,
+        "frequency_penalty": settings.sampling_frequency_penalty,
+        "presence_penalty": settings.sampling_presence_penalty,
     }
 
 
@@ -136,14 +145,39 @@ def import_vllm(settings: Settings) -> Any:
     return vllm
 
 
-def _final_only(vllm_module: Any) -> Any | None:
+def _output_kind(vllm_module: Any, name: str = "FINAL_ONLY") -> Any | None:
     """RequestOutputKind.FINAL_ONLY (vllm.sampling_params in 0.6.3 and V1): step() then reports a request once,
-    when it finishes, instead of building a cumulative output for every running request at every step."""
+    when it finishes, instead of building a cumulative output for every running request at every step. DELTA:
+    every step reports each running request's new tokens and text (what the loop check reads)."""
     try:
         from vllm.sampling_params import RequestOutputKind
     except ImportError:
-        return getattr(getattr(vllm_module, "RequestOutputKind", None), "FINAL_ONLY", None)
-    return RequestOutputKind.FINAL_ONLY
+        return getattr(getattr(vllm_module, "RequestOutputKind", None), name, None)
+    return getattr(RequestOutputKind, name, None)
+
+
+def _final_only(vllm_module: Any) -> Any | None:
+    return _output_kind(vllm_module, "FINAL_ONLY")
+
+
+# The loop check reads only the end of the text so far: a loop in progress is there, and a check stays ~0.1 ms
+# however long the request has run. The summary's own guard (processor/guards.py) reads it all once, at the end.
+LOOP_CHECK_TAIL_CHARS = 1500
+
+
+class _Partial:
+    """A streamed request's text and token count so far (DELTA outputs), and when to look for a loop next."""
+
+    __slots__ = ("pieces", "tokens", "next_check")
+
+    def __init__(self, every: int) -> None:
+        self.pieces: list[str] = []
+        self.tokens = 0
+        self.next_check = every
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
 
 class VllmEngine:
@@ -159,6 +193,9 @@ class VllmEngine:
         # None in the product, where every request samples with the settings' parameters.
         self.sampling_override: Callable[[Prompt], Mapping[str, Any]] | None = None
         self._streaming: dict[str, int] = {}  # request id → prompt tokens, for requests added and unfinished
+        # Requests streamed for the loop check (CONTINUOUS_LOOP_CHECK_TOKENS), by id; empty when it is off.
+        self._partial: dict[str, _Partial] = {}
+        self._loop_check_every = settings.continuous_loop_check_tokens
         self._budget_logged = False
 
     @classmethod
@@ -200,22 +237,25 @@ class VllmEngine:
             kwargs.update(self.sampling_override(prompt))
         return self.vllm.SamplingParams(**kwargs)
 
-    def _outcome(self, output: Any, prompt_tokens: int) -> Generation | EventGenerationError:
-        """One finished RequestOutput → this event's summary or failure (generate() and step() alike)."""
+    def _outcome(self, output: Any, prompt_tokens: int, partial: "_Partial | None" = None) -> Generation | EventGenerationError:
+        """One finished RequestOutput → this event's summary or failure (generate() and step() alike). `partial`: the
+        request was streamed (DELTA), its text and tokens are what was collected, this output's included."""
         completion = output.outputs[0] if output.outputs else None
         if completion is None:
             return EventGenerationError("vLLM finished the request without a completion")
-        if completion.finish_reason == "length" and not len(completion.token_ids) and not completion.text:
+        text = completion.text if partial is None else partial.text
+        tokens = len(completion.token_ids) if partial is None else partial.tokens
+        if completion.finish_reason == "length" and not tokens and not text:
             return self._ignored(prompt_tokens)
         if completion.finish_reason == "abort":
             return EventGenerationError("vLLM aborted the request")
         if completion.finish_reason == "error":  # V1: a request-level internal error
             return EventGenerationError("vLLM reported an internal error for the request")
         return Generation(
-            completion.text,
+            text,
             completion.finish_reason or "stop",
             len(output.prompt_token_ids or ()) or prompt_tokens,
-            len(completion.token_ids),
+            tokens,
         )
 
     def _ignored(self, prompt_tokens: int) -> PromptIgnoredError:
@@ -257,8 +297,11 @@ class VllmEngine:
         if request_id in self._streaming:
             raise ValueError(f"request {request_id!r} is already in flight")
         params = self._sampling_params(prompt)
+        delta = _output_kind(self.vllm, "DELTA") if self._loop_check_every else None
         final_only = _final_only(self.vllm)
-        if final_only is not None:
+        if delta is not None:
+            params.output_kind = delta
+        elif final_only is not None:
             params.output_kind = final_only
         try:
             # Positional: (request_id, prompt, params) in 0.6.3 and V1 alike.
@@ -268,19 +311,42 @@ class VllmEngine:
         except ValueError as exc:
             raise self._rejected(prompt, exc) from None
         self._streaming[request_id] = prompt.prompt_tokens
+        if delta is not None:
+            self._partial[request_id] = _Partial(self._loop_check_every)
 
     def step(self) -> list[Finished]:
         finished: list[Finished] = []
+        looping: list[str] = []
         for output in self.llm.llm_engine.step():
+            partial = self._partial.get(output.request_id)
+            if partial is not None and output.outputs:
+                partial.pieces.append(output.outputs[0].text)
+                partial.tokens += len(output.outputs[0].token_ids)
             if not output.finished:
+                if partial is not None and partial.tokens >= partial.next_check:
+                    partial.next_check = partial.tokens + self._loop_check_every
+                    if loop_start(partial.text[-LOOP_CHECK_TAIL_CHARS:]) is not None:
+                        looping.append(output.request_id)
                 continue
             prompt_tokens = self._streaming.pop(output.request_id, None)
+            self._partial.pop(output.request_id, None)
             if prompt_tokens is None:  # aborted meanwhile, or not one of ours
                 continue
-            finished.append(Finished(output.request_id, self._outcome(output, prompt_tokens)))
+            finished.append(Finished(output.request_id, self._outcome(output, prompt_tokens, partial)))
+        if looping:
+            # Stopped where the loop shows: the rest of its max_tokens would only repeat it. The summary is what it
+            # wrote so far (the guard trims the loop off and flags it), finish_reason "loop".
+            self.llm.llm_engine.abort_request(looping)
+            for request_id in looping:
+                prompt_tokens = self._streaming.pop(request_id)
+                partial = self._partial.pop(request_id)
+                finished.append(Finished(request_id, Generation(partial.text, "loop", prompt_tokens, partial.tokens)))
         return finished
 
     def abort(self, request_ids: Iterable[str]) -> None:
+        request_ids = list(request_ids)
+        for request_id in request_ids:
+            self._partial.pop(request_id, None)
         ids = [i for i in request_ids if self._streaming.pop(i, None) is not None]
         if ids:
             # Always a list: V1's abort_request iterates its argument (a str would abort one id per character).
@@ -331,4 +397,5 @@ class VllmEngine:
 
     def close(self) -> None:
         self._streaming.clear()
+        self._partial.clear()
         self.llm = None

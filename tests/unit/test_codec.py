@@ -54,6 +54,7 @@ PINNED = {
     ("ai_worker.SearchResultEvent", 2): "138129c7dda5a390",
     ("ai_worker.SearchSummary", 1): "db806a53add4021e",
     ("ai_worker.SearchSummary", 2): "c56098b7506cbbc2",
+    ("ai_worker.SearchSummary", 3): "d290e7174fff5309",
     ("ai_worker.DeadLetter", 1): "f640fc745b8ed282",
 }
 
@@ -142,17 +143,29 @@ def summary_record(**extra):
 
 
 def test_every_older_summary_version_is_still_read():
-    """Summaries written before citations existed (v1) read as the newest version, with no citations."""
+    """Summaries written before citations (v1) or quality signals (v2) existed read as the newest version, with no
+    citations and no quality (null: not measured, which is not the same as "no problem")."""
     codec = AvroCodec()
     versions = codec.store.versions(SUMMARY_SCHEMA)
-    assert [v.version for v in versions][-2:] == [1, 2]
+    assert [v.version for v in versions] == [1, 2, 3]
     for version in versions[:-1]:
         known = {f["name"] for f in version.parsed["fields"]}
         buffer = io.BytesIO()
         buffer.write(version.header)
         schemaless_writer(buffer, version.parsed, {k: v for k, v in summary_record().items() if k in known})
         decoded = codec.decode(buffer.getvalue(), SUMMARY_SCHEMA)
-        assert decoded["source_offset"] == 7 and decoded["citations"] == []
+        assert decoded["source_offset"] == 7 and decoded["citations"] == [] and decoded["quality"] is None
+
+
+QUALITY = {"cut_off": True, "loop_trimmed": True, "trimmed_chars": 120, "citations": 1, "citations_out_of_range": 2,
+           "grounded_share": 0.5, "language_mismatch": False, "prompt_echo": True}
+
+
+def test_a_summary_carries_its_quality_signals():
+    codec = AvroCodec()
+    decoded = codec.decode(codec.encode(summary_record(quality=QUALITY), SUMMARY_SCHEMA), SUMMARY_SCHEMA)
+    assert decoded["quality"] == QUALITY
+    assert codec.decode(codec.encode(summary_record(), SUMMARY_SCHEMA), SUMMARY_SCHEMA)["quality"] is None
 
 
 def test_a_summary_carries_its_citations():

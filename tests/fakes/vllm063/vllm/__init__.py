@@ -19,9 +19,10 @@ What it reproduces, because the engine depends on it:
   when none is free preempts the newest running one (recompute: back to waiting, its tokens dropped), counted in
   `preemptions`. A request's output length is deterministic per prompt (1 + sum(ids) % 8, or max_tokens with
   ignore_eos), so requests finish OUT OF ORDER. With output_kind FINAL_ONLY a step returns finished requests
-  only, else one output per running request. A prompt longer than max_model_len comes back, finished, with the
-  empty "length" answer. `fail_for_token` applies to step() too: it raises while such a prompt is running.
-  `step_log` records (running, waiting, KV tokens held, blocks used) at every step.
+  only, else one output per running request: everything so far (CUMULATIVE) or what is new since the last
+  (DELTA). A prompt longer than max_model_len comes back, finished, with the empty "length" answer. `fail_for_token` applies to step() too: it raises while such a prompt is running.
+  `step_log` records (running, waiting, KV tokens held, blocks used) at every step. `loop_ids`: every request
+  added generates these ids over and over (a model in a repetition loop).
 * generate() steps the same engine, as 0.6.3's LLM._run_engine does: it refuses to run while requests added
   directly are unfinished (the real one would step them and return them mixed with its own).
 """
@@ -51,10 +52,24 @@ class RequestOutputKind(Enum):  # vllm.sampling_params.RequestOutputKind
     FINAL_ONLY = 2
 
 
+# SamplingParams' other fields in 0.6.3 (a msgspec.Struct: any other keyword is a TypeError there, and here).
+_OTHER_SAMPLING_FIELDS = frozenset({
+    "best_of", "min_p", "stop", "stop_token_ids", "include_stop_str_in_output", "logprobs", "prompt_logprobs",
+    "detokenize", "skip_special_tokens", "spaces_between_special_tokens", "logits_processors", "output_kind",
+    "guided_decoding", "logit_bias", "allowed_token_ids",
+})
+
+
 class SamplingParams:
-    def __init__(self, n: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, seed: Optional[int] = None,
-                 ignore_eos: bool = False, max_tokens: Optional[int] = 16, min_tokens: int = 0,
+    def __init__(self, n: int = 1, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 repetition_penalty: float = 1.0, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1,
+                 seed: Optional[int] = None, ignore_eos: bool = False, max_tokens: Optional[int] = 16, min_tokens: int = 0,
                  truncate_prompt_tokens: Optional[int] = None, **kwargs: Any) -> None:
+        unknown = set(kwargs) - _OTHER_SAMPLING_FIELDS
+        if unknown:
+            raise TypeError(f"Unexpected keyword argument(s) {sorted(unknown)}")
+        self.presence_penalty, self.frequency_penalty = presence_penalty, frequency_penalty
+        self.repetition_penalty = repetition_penalty
         self.n, self.temperature, self.top_p, self.top_k, self.seed = n, temperature, top_p, top_k, seed
         self.ignore_eos = ignore_eos
         self.max_tokens, self.min_tokens, self.truncate_prompt_tokens = max_tokens, min_tokens, truncate_prompt_tokens
@@ -99,6 +114,9 @@ class LLM:
         self._tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
         self.calls: list[tuple[list[Any], SamplingParams]] = []
         self.fail_for_token: Optional[int] = None  # a test sets it: generate() and step() raise for a prompt with it
+        # A test sets it: requests added to llm_engine generate these ids over and over (a model in a loop) instead of
+        # echoing their prompt.
+        self.loop_ids: Optional[List[int]] = None
         self.llm_engine = LLMEngine(self, kwargs)
         CREATED.append(self)
 
@@ -160,6 +178,8 @@ class _Request:
     params: Any
     target: int  # tokens it will generate
     generated: List[int] = field(default_factory=list)
+    sent_tokens: int = 0  # DELTA outputs: tokens and text already reported
+    sent_text: str = ""
 
 
 class LLMEngine:
@@ -255,8 +275,12 @@ class LLMEngine:
             used += need
         if self.llm.fail_for_token is not None and any(self.llm.fail_for_token in r.ids for r in self.running):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        loop = self.llm.loop_ids
         for request in decoding + prefilled:
-            request.generated.append(request.ids[-1 - (len(request.generated) % len(request.ids))])
+            if loop:
+                request.generated.append(loop[len(request.generated) % len(loop)])
+            else:
+                request.generated.append(request.ids[-1 - (len(request.generated) % len(request.ids))])
         held = sum(len(r.ids) + len(r.generated) for r in self.running)
         self.step_log.append((len(self.running), len(self.waiting), held, used))
         final_only = lambda r: r.params.output_kind == RequestOutputKind.FINAL_ONLY  # noqa: E731
@@ -274,4 +298,9 @@ class LLMEngine:
         reason = None
         if finished:
             reason = "length" if len(tokens) >= (request.params.max_tokens or 16) else "stop"
+        if request.params.output_kind == RequestOutputKind.DELTA:
+            # Only what is new since the last output: the tokens, and the text as an incremental detokenizer gives it.
+            delta_tokens, delta_text = tokens[request.sent_tokens:], text[len(request.sent_text):]
+            request.sent_tokens, request.sent_text = len(tokens), text
+            tokens, text = delta_tokens, delta_text
         return RequestOutput(request.request_id, None, request.ids, None, [CompletionOutput(0, text, tokens, -1.0, None, reason)], finished)
