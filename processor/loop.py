@@ -18,12 +18,13 @@ max.poll.interval.ms however long generate() takes.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, KafkaException, Message, TopicPartition
 
@@ -50,6 +51,53 @@ REPORT_EVERY_S = 10.0
 # an H100 with vLLM 0.24 (bench/gpu_bench.py, bench/results/switch-interval/) micro-batches went from 0.89 to 0.95
 # of the engine alone, and the continuous feed needed ~1.6 % more engine steps than the engine alone (2-3 % at 5 ms).
 GIL_SWITCH_INTERVAL_S = 0.001
+# A stop during the group join waits this long at most for the join to complete, so the member can leave the group
+# cleanly (a member that leaves mid-join can keep the embedded broker's group unusable for minutes); a second signal
+# ends the wait at once.
+FINISH_JOIN_MAX_S = 5.0
+STOP_CHECK_S = 0.1  # how often a wait during start-up (the warm-up) looks for a stop
+
+
+def exit_at_once(code: int) -> None:
+    """A second SIGTERM/SIGINT: flush the log and leave without waiting for anything (nothing is committed that was
+    not acknowledged, so what was in flight is simply read again by the next owner)."""
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: BLE001 - exiting regardless
+            pass
+    os._exit(code)
+
+
+T = TypeVar("T")
+
+
+def load_or_stop(load: Callable[[], T], what: str, *, exit_now: Callable[[int], None] = exit_at_once) -> T | None:
+    """Run `load` (the model load: one long blocking call with no place to look for a stop) so that SIGTERM and
+    SIGINT interrupt it: the first raises KeyboardInterrupt inside it and load_or_stop returns None (the worker then
+    exits 0, as for any requested stop); a second, during whatever clean-up the interrupted code does, exits at once.
+    The previous handlers are back when it returns."""
+    signals = [0]
+
+    def interrupt(signum: int, _frame: object) -> None:
+        signals[0] += 1
+        if signals[0] == 1:
+            log.info("%s during %s: stopping (a second signal exits at once)", signal.Signals(signum).name, what)
+            raise KeyboardInterrupt
+        log.warning("%s again: exiting at once (exit %d)", signal.Signals(signum).name, EXIT_OK)
+        exit_now(EXIT_OK)
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for signum in previous:
+        signal.signal(signum, interrupt)
+    try:
+        return load()
+    except KeyboardInterrupt:
+        log.info("stopped during %s", what)
+        return None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _names(partitions: list[TopicPartition]) -> str:
@@ -71,6 +119,7 @@ class Worker:
         commit_policy: CommitPolicy | None = None,
         pipeline: Pipeline | None = None,
         registry_retry: Backoff | None = None,
+        exit_now: Callable[[int], None] = exit_at_once,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -97,6 +146,9 @@ class Worker:
         self._paused = False
         self._full_since: float | None = None
         self._stop = threading.Event()
+        self._exit_now = exit_now
+        self._signals = 0
+        self._warm_up_abandoned = False
         self._subscribed = self._joined = False
         self._lag_observed_at = 0.0
         self._idle_reported = self._busy_reported = 0.0
@@ -138,16 +190,44 @@ class Worker:
 
     def install_signal_handlers(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: self.request_stop())
+            signal.signal(signum, lambda signum, _frame: self.handle_signal(signum))
 
-    def warm_up(self) -> float:
-        """One sample generate() on the engine's own thread before taking partitions: the first call on a thread pays
-        CUDA's per-thread set-up, and an engine that cannot generate at all should fail before it owns any data."""
+    def handle_signal(self, signum: int) -> None:
+        """SIGTERM/SIGINT: the first stops in order (finish the batch, commit, leave the group); the second exits at
+        once, whatever the worker is waiting for (a batch, the join, the warm-up)."""
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals == 1:
+            log.info("%s: stopping (a second signal exits at once)", name)
+            self.request_stop()
+            return
+        log.warning("%s again: exiting at once (exit %d); what was not committed is read again by the next owner", name, EXIT_OK)
+        self._exit_now(EXIT_OK)
+
+    def warm_up(self) -> float | None:
+        """One short sample generate() on the engine's own thread before taking partitions: the first call on a
+        thread pays CUDA's per-thread set-up, and an engine that cannot generate at all should fail before it owns any
+        data. Returns its seconds, or None when a stop came first: the warm-up is then abandoned on its daemon thread
+        (the worker is exiting, and an engine call cannot be interrupted)."""
         started = time.monotonic()
-        try:
-            self.pipeline.warm_up()
-        except Exception as exc:  # noqa: BLE001 - any failure here means the engine cannot start
-            raise EngineStartupError(f"the engine failed its warm-up generate(): {exc}") from exc
+        failure: list[BaseException] = []
+
+        def warm() -> None:
+            try:
+                self.pipeline.warm_up()
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                failure.append(exc)
+
+        waiter = threading.Thread(target=warm, name="warm-up", daemon=True)
+        waiter.start()
+        while waiter.is_alive():
+            waiter.join(STOP_CHECK_S)
+            if self._stop.is_set() and waiter.is_alive():
+                log.info("stopped during the engine warm-up (after %.1f s): not joining the group", time.monotonic() - started)
+                self._warm_up_abandoned = True
+                return None
+        if failure:
+            raise EngineStartupError(f"the engine failed its warm-up generate(): {failure[0]}") from failure[0]
         return time.monotonic() - started
 
     def run(self, until: Callable[[], bool] | None = None) -> int:
@@ -161,7 +241,9 @@ class Worker:
 
     def _run(self, until: Callable[[], bool] | None) -> int:
         if not self._stop.is_set():
-            log.info("engine warmed up in %.1f s", self.warm_up())
+            seconds = self.warm_up()
+            if seconds is not None:
+                log.info("engine warmed up in %.1f s", seconds)
         if self._stop.is_set():
             self._close()
             return EXIT_OK
@@ -400,14 +482,18 @@ class Worker:
         log.warning("rewound %s to the committed offsets after an aborted transaction", _names(owned))
 
     def _finish_join(self) -> None:
-        """Stopped mid-join: let the join complete before closing. A member that leaves before it has a member id
-        cannot send LeaveGroup, and the group then waits for it (Tansu: for minutes) before anyone gets partitions."""
-        deadline = time.monotonic() + self.settings.kafka_session_timeout_ms / 1000
-        log.info("stopping during the group join: finishing the join (up to %.0f s) so the group is left cleanly",
-                 deadline - time.monotonic())
+        """Stopped mid-join: let the join complete before closing, for a few seconds at most. A member that leaves
+        before it has a member id cannot send LeaveGroup, and the group then waits for it (Tansu: for minutes) before
+        anyone gets partitions. A second signal exits at once (handle_signal)."""
+        limit = min(FINISH_JOIN_MAX_S, self.settings.kafka_session_timeout_ms / 1000)
+        deadline = time.monotonic() + limit
+        log.info("stopping during the group join: finishing the join (up to %.0f s) so the group is left cleanly; "
+                 "a second signal exits at once", limit)
         self._paused = True  # _on_assign pauses what it gets: nothing is fetched or processed any more
         while not self._joined and time.monotonic() < deadline:
             self.consumer.consume(1, 0.2)
+        if not self._joined:
+            log.warning("the group join did not complete within %.0f s: leaving mid-join", limit)
 
     # ------------------------------------------------------------------------------------------- observation
     def _observe_lag(self) -> None:
@@ -460,7 +546,8 @@ class Worker:
                  extra={**self.totals, "committed": self.records_committed, "left_for_next_run": not_started})
 
     def _close(self) -> None:
-        self.pipeline.close()
+        if not self._warm_up_abandoned:  # else the engine's thread is busy with the warm-up: nothing to wait for
+            self.pipeline.close()
         if self._subscribed and not self._joined and not self.health.down:
             self._finish_join()
         try:
