@@ -138,7 +138,8 @@ def test_a_signal_during_the_join_waits_a_few_seconds_at_most_and_exits_0(mode):
     code = worker.run()
     waited = time.monotonic() - sent[0]
     assert code == EXIT_OK and consumer.closed
-    assert FINISH_JOIN_MAX_S - 0.5 < waited < FINISH_JOIN_MAX_S + 1.5, "bounded by FINISH_JOIN_MAX_S, not the 45 s session"
+    assert waited > FINISH_JOIN_MAX_S - 0.5, "the join is given its chance to complete (leaving mid-join costs the group)"
+    assert waited < 7.0, "... for a few seconds, not the 45 s session timeout"
 
 
 def test_a_second_signal_during_the_join_exits_at_once(mode):
