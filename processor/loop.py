@@ -517,7 +517,8 @@ class Worker:
 
     def _report(self) -> None:
         now = time.monotonic()
-        if not self.ownership.partitions and now - self._unassigned_warned_at >= REPORT_EVERY_S:
+        # The group hint only while brokers answer: with none answering, BrokerHealth names the real cause.
+        if not self.ownership.partitions and now - self._unassigned_warned_at >= REPORT_EVERY_S and self.health.answering:
             self._unassigned_warned_at = now
             log.warning("no partitions assigned yet: waiting for group %s (a group join takes up to session.timeout.ms; "
                         "more workers than partitions leave some idle)", self.settings.kafka_group_id)
