@@ -493,7 +493,11 @@ class Worker:
         while not self._joined and time.monotonic() < deadline:
             self.consumer.consume(1, 0.2)
         if not self._joined:
-            log.warning("the group join did not complete within %.0f s: leaving mid-join", limit)
+            # Measured on Tansu: a join takes session.timeout.ms / 2 there, and a member that leaves mid-join keeps the
+            # group from assigning anything for minutes (README, Operations).
+            log.warning("the group join did not complete within %.0f s: leaving mid-join. On the embedded broker this can "
+                        "keep group %s from assigning partitions for minutes (a new KAFKA_GROUP_ID avoids it; "
+                        "KAFKA_SESSION_TIMEOUT_MS=6000 makes its joins take ~3 s)", limit, self.settings.kafka_group_id)
 
     # ------------------------------------------------------------------------------------------- observation
     def _observe_lag(self) -> None:
