@@ -71,9 +71,7 @@ def _run(_args: argparse.Namespace) -> int:
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
     # A stop during the model load (minutes for a large model) is a requested stop like any other: exit 0, at once.
-    engine = load_or_stop(lambda: create_engine(settings), "the model load")
-    if engine is None:
-        return EXIT_OK
+    engine = load_or_stop(lambda: create_engine(settings), f"loading the engine (ENGINE={settings.engine.value})")
     worker = Worker(settings, engine)
     attach_metrics(engine, worker.metrics)  # ENGINE=openai: server latency, retries, /readyz on reachability
     if settings.metrics_port is not None:

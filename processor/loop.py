@@ -52,9 +52,10 @@ REPORT_EVERY_S = 10.0
 # of the engine alone, and the continuous feed needed ~1.6 % more engine steps than the engine alone (2-3 % at 5 ms).
 GIL_SWITCH_INTERVAL_S = 0.001
 # A stop during the group join waits this long at most for the join to complete, so the member can leave the group
-# cleanly (a member that leaves mid-join can keep the embedded broker's group unusable for minutes); a second signal
-# ends the wait at once.
-FINISH_JOIN_MAX_S = 5.0
+# cleanly: mid-join, librdkafka's LeaveGroup waits behind the broker's pending JoinGroup and times out after 5 s
+# without reaching it, and the embedded broker then keeps the group unusable for minutes. A second signal ends the
+# wait at once. (The embedded broker's join with KAFKA_SESSION_TIMEOUT_MS=6000 takes ~3 s.)
+FINISH_JOIN_MAX_S = 4.0
 STOP_CHECK_S = 0.1  # how often a wait during start-up (the warm-up) looks for a stop
 
 
@@ -72,29 +73,23 @@ def exit_at_once(code: int) -> None:
 T = TypeVar("T")
 
 
-def load_or_stop(load: Callable[[], T], what: str, *, exit_now: Callable[[int], None] = exit_at_once) -> T | None:
-    """Run `load` (the model load: one long blocking call with no place to look for a stop) so that SIGTERM and
-    SIGINT interrupt it: the first raises KeyboardInterrupt inside it and load_or_stop returns None (the worker then
-    exits 0, as for any requested stop); a second, during whatever clean-up the interrupted code does, exits at once.
-    The previous handlers are back when it returns."""
-    signals = [0]
+def load_or_stop(load: Callable[[], T], what: str, *, exit_now: Callable[[int], None] = exit_at_once) -> T:
+    """Run `load` (the model load) so that SIGTERM or SIGINT ends the process at once with exit 0, as any requested stop
+    does. Nothing is owned yet (no partition, no offset, nothing in flight), so there is nothing to finish; and a load is
+    long native code (imports, weights, CUDA) that an exception raised inside it can leave half-initialised: measured
+    with a KeyboardInterrupt inside `import torch`, the process aborted at exit or the interrupt was swallowed and the
+    load went on. The previous handlers are back when it returns."""
 
-    def interrupt(signum: int, _frame: object) -> None:
-        signals[0] += 1
-        if signals[0] == 1:
-            log.info("%s during %s: stopping (a second signal exits at once)", signal.Signals(signum).name, what)
-            raise KeyboardInterrupt
-        log.warning("%s again: exiting at once (exit %d)", signal.Signals(signum).name, EXIT_OK)
+    def stop(signum: int, _frame: object) -> None:
+        log.info("%s while %s: nothing is owned yet, exiting %d now", signal.Signals(signum).name, what, EXIT_OK)
         exit_now(EXIT_OK)
 
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     for signum in previous:
-        signal.signal(signum, interrupt)
+        signal.signal(signum, stop)
+    log.info("%s (SIGTERM/SIGINT stops it)", what)
     try:
         return load()
-    except KeyboardInterrupt:
-        log.info("stopped during %s", what)
-        return None
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -210,6 +205,7 @@ class Worker:
         data. Returns its seconds, or None when a stop came first: the warm-up is then abandoned on its daemon thread
         (the worker is exiting, and an engine call cannot be interrupted)."""
         started = time.monotonic()
+        log.info("warming up the engine (a few tokens; SIGTERM/SIGINT stops it)")
         failure: list[BaseException] = []
 
         def warm() -> None:
