@@ -179,3 +179,33 @@ def test_a_signal_during_the_model_load_exits_0_at_once(signum):
 def test_a_load_that_is_not_interrupted_returns_its_engine_and_restores_the_handlers():
     assert load_or_stop(slow_load(0.1), "loading the engine", exit_now=exit_now) == "engine"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ------------------------------------------------------------------------------- the engines' short warm-up
+def test_vllm_generate_short_caps_max_tokens_for_that_call_only(fake_vllm, tiny_model_dir):
+    from processor.engines.vllm_engine import VllmEngine
+    from processor.events import validate_event
+    from processor.ops.samples import sample_events
+    from processor.prompt import PromptBuilder
+
+    engine = VllmEngine.from_settings(load_settings(engine="vllm", vllm_model=str(tiny_model_dir), sampling_max_tokens=1536))
+    prompt = PromptBuilder(engine.tokenizer, 6144, 1536).build(validate_event(sample_events()[0]))
+    engine.generate_short([prompt, prompt], WARM_UP_MAX_TOKENS)
+    _sent, params = engine.llm.calls[-1]
+    assert [p.max_tokens for p in params] == [WARM_UP_MAX_TOKENS] * 2
+    assert engine.sampling_override is None
+    engine.generate([prompt])
+    assert engine.llm.calls[-1][1].max_tokens == 1536, "later calls sample at SAMPLING_MAX_TOKENS again"
+
+
+def test_transformers_generate_short_stops_after_a_few_tokens(tiny_model_dir):
+    from processor.engines import create_engine
+    from processor.events import validate_event
+    from processor.ops.samples import sample_events
+    from processor.prompt import PromptBuilder
+
+    engine = create_engine(load_settings(engine="transformers", transformers_model=str(tiny_model_dir), sampling_max_tokens=64,
+                                         vllm_max_model_len=2048, sampling_temperature=0.0))
+    prompt = PromptBuilder(engine.tokenizer, 2048, 64).build(validate_event(sample_events()[0]))
+    out = engine.generate_short([prompt], WARM_UP_MAX_TOKENS)[0]
+    assert out.completion_tokens <= WARM_UP_MAX_TOKENS and (out.completion_tokens == WARM_UP_MAX_TOKENS or out.finish_reason == "stop")
