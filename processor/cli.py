@@ -66,11 +66,12 @@ def _open_input(path: str) -> IO[str]:
 def _run(_args: argparse.Namespace) -> int:
     from processor.engines import attach_metrics, create_engine
     from processor.logs import configure_logging
-    from processor.loop import Worker
+    from processor.loop import Worker, load_or_stop
 
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
-    engine = create_engine(settings)
+    # A stop during the model load (minutes for a large model) is a requested stop like any other: exit 0, at once.
+    engine = load_or_stop(lambda: create_engine(settings), f"loading the engine (ENGINE={settings.engine.value})")
     worker = Worker(settings, engine)
     attach_metrics(engine, worker.metrics)  # ENGINE=openai: server latency, retries, /readyz on reachability
     if settings.metrics_port is not None:

@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 log.addFilter(client_log_filter())
 
 PROBE_AFTER_S = 5.0
+# While no broker answers, the cause is logged at the first failed probe and then this often: a wrong address or a
+# broker that is not up yet must be named from the first minute, not minutes later by the exit.
+UNANSWERED_REPORT_EVERY_S = 15.0
 
 
 def consumer_config(settings: Settings, error_cb: Callable[[KafkaError], None] | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -77,7 +80,8 @@ def make_producer(conf: dict[str, Any]) -> Producer:
 
 class BrokerHealth:
     """When a broker last answered. Consumed records, acks and commits count; after PROBE_AFTER_S of silence a
-    metadata request asks; past the timeout, BrokerUnavailableError (exit 3) instead of spinning forever."""
+    metadata request asks (at most once every PROBE_AFTER_S); while none answers, that is logged with the address,
+    the setting and how long; past the timeout, BrokerUnavailableError (exit 3) instead of spinning forever."""
 
     def __init__(self, *, bootstrap: str, timeout_s: float, probe: Callable[[], None], clock: Callable[[], float] = time.monotonic) -> None:
         self.bootstrap = bootstrap
@@ -85,13 +89,22 @@ class BrokerHealth:
         self._probe = probe
         self._clock = clock
         self._last_ok = clock()
+        self._probed_at: float | None = None
+        self._probe_failed = False
+        self._reported_at: float | None = None
         self.down = False
+
+    @property
+    def answering(self) -> bool:
+        """False while the clients report every broker down or the last probe got no answer."""
+        return not (self.down or self._probe_failed)
 
     def ok(self) -> None:
         self._last_ok = self._clock()
-        if self.down:
-            log.info("broker answers again")
-        self.down = False
+        if self.down or self._reported_at is not None:
+            log.info("a broker at %s answers again", self.bootstrap)
+        self.down = self._probe_failed = False
+        self._reported_at = None
 
     def on_client_error(self, error: KafkaError) -> None:
         """librdkafka's error_cb: 'all brokers down' and transport errors mark the broker down (logged once a while)."""
@@ -106,13 +119,22 @@ class BrokerHealth:
 
     def check(self) -> None:
         silent = self.silent_for()
-        if silent < PROBE_AFTER_S:
+        now = self._clock()
+        probed_lately = self._probed_at is not None and now - self._probed_at < PROBE_AFTER_S
+        if silent < PROBE_AFTER_S or (probed_lately and silent <= self.timeout_s):
             return
+        self._probed_at = now
         try:
             self._probe()
             self.ok()
         except KafkaException:
+            self._probe_failed = True
             if silent > self.timeout_s:
                 raise BrokerUnavailableError(
                     f"no broker at {self.bootstrap} answered for {silent:.0f} s (BROKER_UNAVAILABLE_TIMEOUT_S={self.timeout_s:g})"
                 ) from None
+            if self._reported_at is None or now - self._reported_at >= UNANSWERED_REPORT_EVERY_S:
+                self._reported_at = now
+                log.warning("no Kafka broker answers at %s (KAFKA_BOOTSTRAP_SERVERS) for %.0f s: retrying; the worker exits 3 "
+                            "if none answers within BROKER_UNAVAILABLE_TIMEOUT_S=%g s", self.bootstrap, silent, self.timeout_s,
+                            extra={"bootstrap": self.bootstrap, "silent_s": round(silent, 1)})

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from processor.batcher import Batch, MicroBatcher
 from processor.source import BatchItem, SourceRecord
-from processor.engines.base import CallClock, Engine, EventGenerationError, Generation, Prompt, TimedEngine
+from processor.engines.base import CallClock, Engine, EventGenerationError, Generation, Prompt, ShortGeneration, TimedEngine
 from processor.engines.isolation import PROBE_AFTER_FAILED_IN_A_ROW, FailurePolicy, accepted
 from processor.errors import EngineUnavailableError
 from processor.retry import Backoff
@@ -37,6 +37,10 @@ if TYPE_CHECKING:
     from processor.continuous import ContinuousFeed, Exclusive
 
 log = logging.getLogger(__name__)
+
+# The warm-up's tokens per prompt: enough to run the decode path at the batch shape, short enough that a warm-up on
+# a CPU takes seconds and a stop during it is not kept waiting.
+WARM_UP_MAX_TOKENS = 4
 
 Outcome = Generation | EventGenerationError
 Done = tuple[BatchItem, "Outcome | BaseException"]
@@ -268,7 +272,10 @@ class MicroBatchScheduler:
 
 
 def _warm(engine: Engine, prompt: Prompt, copies: int = 1) -> None:
-    outputs = engine.generate([prompt] * copies)
+    if isinstance(engine, ShortGeneration):  # a few tokens: the kernels and the batch shape, not a whole summary
+        outputs = engine.generate_short([prompt] * copies, WARM_UP_MAX_TOKENS)
+    else:
+        outputs = engine.generate([prompt] * copies)
     if outputs and not isinstance(outputs[0], Generation):
         log.warning("warm-up generate() produced no summary: %s", outputs[0])
 

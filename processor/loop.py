@@ -18,12 +18,13 @@ max.poll.interval.ms however long generate() takes.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, KafkaException, Message, TopicPartition
 
@@ -50,6 +51,48 @@ REPORT_EVERY_S = 10.0
 # an H100 with vLLM 0.24 (bench/gpu_bench.py, bench/results/switch-interval/) micro-batches went from 0.89 to 0.95
 # of the engine alone, and the continuous feed needed ~1.6 % more engine steps than the engine alone (2-3 % at 5 ms).
 GIL_SWITCH_INTERVAL_S = 0.001
+# A stop during the group join waits this long at most for the join to complete, so the member can leave the group
+# cleanly: mid-join, librdkafka's LeaveGroup waits behind the broker's pending JoinGroup and times out after 5 s
+# without reaching it, and the embedded broker then keeps the group unusable for minutes. A second signal ends the
+# wait at once. (The embedded broker's join with KAFKA_SESSION_TIMEOUT_MS=6000 takes ~3 s.)
+FINISH_JOIN_MAX_S = 4.0
+STOP_CHECK_S = 0.1  # how often a wait during start-up (the warm-up) looks for a stop
+
+
+def exit_at_once(code: int) -> None:
+    """A second SIGTERM/SIGINT: flush the log and leave without waiting for anything (nothing is committed that was
+    not acknowledged, so what was in flight is simply read again by the next owner)."""
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: BLE001 - exiting regardless
+            pass
+    os._exit(code)
+
+
+T = TypeVar("T")
+
+
+def load_or_stop(load: Callable[[], T], what: str, *, exit_now: Callable[[int], None] = exit_at_once) -> T:
+    """Run `load` (the model load) so that SIGTERM or SIGINT ends the process at once with exit 0, as any requested stop
+    does. Nothing is owned yet (no partition, no offset, nothing in flight), so there is nothing to finish; and a load is
+    long native code (imports, weights, CUDA) that an exception raised inside it can leave half-initialised: measured
+    with a KeyboardInterrupt inside `import torch`, the process aborted at exit or the interrupt was swallowed and the
+    load went on. The previous handlers are back when it returns."""
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("%s while %s: nothing is owned yet, exiting %d now", signal.Signals(signum).name, what, EXIT_OK)
+        exit_now(EXIT_OK)
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for signum in previous:
+        signal.signal(signum, stop)
+    log.info("%s (SIGTERM/SIGINT stops it)", what)
+    try:
+        return load()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _names(partitions: list[TopicPartition]) -> str:
@@ -71,6 +114,7 @@ class Worker:
         commit_policy: CommitPolicy | None = None,
         pipeline: Pipeline | None = None,
         registry_retry: Backoff | None = None,
+        exit_now: Callable[[int], None] = exit_at_once,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -97,6 +141,9 @@ class Worker:
         self._paused = False
         self._full_since: float | None = None
         self._stop = threading.Event()
+        self._exit_now = exit_now
+        self._signals = 0
+        self._warm_up_abandoned = False
         self._subscribed = self._joined = False
         self._lag_observed_at = 0.0
         self._idle_reported = self._busy_reported = 0.0
@@ -138,16 +185,45 @@ class Worker:
 
     def install_signal_handlers(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: self.request_stop())
+            signal.signal(signum, lambda signum, _frame: self.handle_signal(signum))
 
-    def warm_up(self) -> float:
-        """One sample generate() on the engine's own thread before taking partitions: the first call on a thread pays
-        CUDA's per-thread set-up, and an engine that cannot generate at all should fail before it owns any data."""
+    def handle_signal(self, signum: int) -> None:
+        """SIGTERM/SIGINT: the first stops in order (finish the batch, commit, leave the group); the second exits at
+        once, whatever the worker is waiting for (a batch, the join, the warm-up)."""
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals == 1:
+            log.info("%s: stopping (a second signal exits at once)", name)
+            self.request_stop()
+            return
+        log.warning("%s again: exiting at once (exit %d); what was not committed is read again by the next owner", name, EXIT_OK)
+        self._exit_now(EXIT_OK)
+
+    def warm_up(self) -> float | None:
+        """One short sample generate() on the engine's own thread before taking partitions: the first call on a
+        thread pays CUDA's per-thread set-up, and an engine that cannot generate at all should fail before it owns any
+        data. Returns its seconds, or None when a stop came first: the warm-up is then abandoned on its daemon thread
+        (the worker is exiting, and an engine call cannot be interrupted)."""
         started = time.monotonic()
-        try:
-            self.pipeline.warm_up()
-        except Exception as exc:  # noqa: BLE001 - any failure here means the engine cannot start
-            raise EngineStartupError(f"the engine failed its warm-up generate(): {exc}") from exc
+        log.info("warming up the engine (a few tokens; SIGTERM/SIGINT stops it)")
+        failure: list[BaseException] = []
+
+        def warm() -> None:
+            try:
+                self.pipeline.warm_up()
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                failure.append(exc)
+
+        waiter = threading.Thread(target=warm, name="warm-up", daemon=True)
+        waiter.start()
+        while waiter.is_alive():
+            waiter.join(STOP_CHECK_S)
+            if self._stop.is_set() and waiter.is_alive():
+                log.info("stopped during the engine warm-up (after %.1f s): not joining the group", time.monotonic() - started)
+                self._warm_up_abandoned = True
+                return None
+        if failure:
+            raise EngineStartupError(f"the engine failed its warm-up generate(): {failure[0]}") from failure[0]
         return time.monotonic() - started
 
     def run(self, until: Callable[[], bool] | None = None) -> int:
@@ -161,7 +237,9 @@ class Worker:
 
     def _run(self, until: Callable[[], bool] | None) -> int:
         if not self._stop.is_set():
-            log.info("engine warmed up in %.1f s", self.warm_up())
+            seconds = self.warm_up()
+            if seconds is not None:
+                log.info("engine warmed up in %.1f s", seconds)
         if self._stop.is_set():
             self._close()
             return EXIT_OK
@@ -400,14 +478,22 @@ class Worker:
         log.warning("rewound %s to the committed offsets after an aborted transaction", _names(owned))
 
     def _finish_join(self) -> None:
-        """Stopped mid-join: let the join complete before closing. A member that leaves before it has a member id
-        cannot send LeaveGroup, and the group then waits for it (Tansu: for minutes) before anyone gets partitions."""
-        deadline = time.monotonic() + self.settings.kafka_session_timeout_ms / 1000
-        log.info("stopping during the group join: finishing the join (up to %.0f s) so the group is left cleanly",
-                 deadline - time.monotonic())
+        """Stopped mid-join: let the join complete before closing, for a few seconds at most. A member that leaves
+        before it has a member id cannot send LeaveGroup, and the group then waits for it (Tansu: for minutes) before
+        anyone gets partitions. A second signal exits at once (handle_signal)."""
+        limit = min(FINISH_JOIN_MAX_S, self.settings.kafka_session_timeout_ms / 1000)
+        deadline = time.monotonic() + limit
+        log.info("stopping during the group join: finishing the join (up to %.0f s) so the group is left cleanly; "
+                 "a second signal exits at once", limit)
         self._paused = True  # _on_assign pauses what it gets: nothing is fetched or processed any more
         while not self._joined and time.monotonic() < deadline:
             self.consumer.consume(1, 0.2)
+        if not self._joined:
+            # Measured on Tansu: a join takes session.timeout.ms / 2 there, and a member that leaves mid-join keeps the
+            # group from assigning anything for minutes (README, Operations).
+            log.warning("the group join did not complete within %.0f s: leaving mid-join. On the embedded broker this can "
+                        "keep group %s from assigning partitions for minutes (a new KAFKA_GROUP_ID avoids it; "
+                        "KAFKA_SESSION_TIMEOUT_MS=6000 makes its joins take ~3 s)", limit, self.settings.kafka_group_id)
 
     # ------------------------------------------------------------------------------------------- observation
     def _observe_lag(self) -> None:
@@ -431,7 +517,8 @@ class Worker:
 
     def _report(self) -> None:
         now = time.monotonic()
-        if not self.ownership.partitions and now - self._unassigned_warned_at >= REPORT_EVERY_S:
+        # The group hint only while brokers answer: with none answering, BrokerHealth names the real cause.
+        if not self.ownership.partitions and now - self._unassigned_warned_at >= REPORT_EVERY_S and self.health.answering:
             self._unassigned_warned_at = now
             log.warning("no partitions assigned yet: waiting for group %s (a group join takes up to session.timeout.ms; "
                         "more workers than partitions leave some idle)", self.settings.kafka_group_id)
@@ -460,7 +547,8 @@ class Worker:
                  extra={**self.totals, "committed": self.records_committed, "left_for_next_run": not_started})
 
     def _close(self) -> None:
-        self.pipeline.close()
+        if not self._warm_up_abandoned:  # else the engine's thread is busy with the warm-up: nothing to wait for
+            self.pipeline.close()
         if self._subscribed and not self._joined and not self.health.down:
             self._finish_join()
         try:

@@ -212,6 +212,16 @@ class StreamingEngine(Engine, Protocol):
         ...
 
 
+@runtime_checkable
+class ShortGeneration(Protocol):
+    """An engine that can generate a few tokens only: the warm-up needs the engine's kernels and batch shape, not a
+    summary, and a warm-up at SAMPLING_MAX_TOKENS on a CPU would take minutes."""
+
+    def generate_short(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[Generation | EventGenerationError]:
+        """generate(), each prompt stopping after at most max_new_tokens."""
+        ...
+
+
 def supports_streaming(engine: Engine) -> bool:
     return isinstance(engine, StreamingEngine)
 
@@ -244,7 +254,7 @@ class CallClock:
 class TimedEngine:
     """An engine whose calls are timed on a CallClock; everything else is the engine's own."""
 
-    _TIMED = frozenset({"generate", "add_request", "step", "abort"})
+    _TIMED = frozenset({"generate", "generate_short", "add_request", "step", "abort"})
 
     def __init__(self, engine: Engine, clock: CallClock) -> None:
         self.engine = engine

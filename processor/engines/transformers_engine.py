@@ -75,7 +75,10 @@ class TransformersEngine:
         log.info("transformers engine: %s on %s (%s)", path, device, dtype_name)
         return cls(model, tokenizer, settings, path)
 
-    def generate(self, prompts: Sequence[Prompt]) -> list[Generation | EventGenerationError]:
+    def generate_short(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[Generation | EventGenerationError]:
+        return self.generate(prompts, max_new_tokens=max_new_tokens)
+
+    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int | None = None) -> list[Generation | EventGenerationError]:
         torch = self.torch
         width = max(p.prompt_tokens for p in prompts)
         # Left padding: every row's last prompt token sits at the same position, where generation starts.
@@ -89,7 +92,7 @@ class TransformersEngine:
             output = self.hf_model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention.to(self.device),
-                max_new_tokens=self.settings.sampling_max_tokens,
+                max_new_tokens=max_new_tokens or self.settings.sampling_max_tokens,
                 do_sample=sampling,
                 temperature=self.settings.sampling_temperature if sampling else None,
                 top_p=self.settings.sampling_top_p if sampling else None,

@@ -292,6 +292,14 @@ class VllmEngine:
         # Both versions return outputs in input order (sorted by their numeric request id).
         return [self._outcome(output, prompt.prompt_tokens) for prompt, output in zip(prompts, outputs)]
 
+    def generate_short(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[Generation | EventGenerationError]:
+        override = self.sampling_override
+        self.sampling_override = lambda prompt: {**(override(prompt) if override else {}), "max_tokens": max_new_tokens}
+        try:
+            return self.generate(prompts)
+        finally:
+            self.sampling_override = override
+
     # -------------------------------------------------------------------------------------- continuous
     def add_request(self, request_id: str, prompt: Prompt) -> None:
         if request_id in self._streaming:
