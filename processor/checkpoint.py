@@ -238,6 +238,9 @@ class AtLeastOnceCheckpoint(BaseCheckpoint):
     def commit(self) -> None:
         offsets = {tp: o for tp, o in self.tracker.committable().items() if o != self.committed_offsets.get(tp)}
         if not offsets:
+            # Nothing left to commit (the partitions of a failed commit were revoked or lost meanwhile): no hold. Kept,
+            # it would stop reading for good — nothing could ever succeed to lift it.
+            self.holding = False
             return
         try:
             self.consumer.commit(offsets=_to_topic_partitions(offsets), asynchronous=False)

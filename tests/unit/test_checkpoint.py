@@ -317,3 +317,24 @@ def test_commits_failing_longer_than_the_policy_allows_raise():
     consumer.commit_failures.append(KafkaError(KafkaError.REQUEST_TIMED_OUT, "timed out", retriable=True))
     with pytest.raises(CommitFailedError):
         checkpoint.maybe_commit()
+
+
+def test_a_hold_after_a_failed_commit_ends_when_its_partitions_are_lost():
+    """Found by the simulation: a commit failed, then the partitions were lost; nothing was left to commit, so no
+    retry could ever succeed and lift the hold — the worker stopped reading for good."""
+    consumer = FakeConsumer()
+    ownership = owned(0)
+    checkpoint = AtLeastOnceCheckpoint(consumer=consumer, ownership=ownership, window=lambda: 2,
+                                       policy=CommitPolicy(max_uncommitted=3, retry_first_s=0.0))
+    a = source(0, 0)
+    checkpoint.track(a)
+    checkpoint.finish(a, output(a))
+    checkpoint.acked(checkpoint.release()[0])
+    consumer.commit_failures.append(KafkaError(KafkaError.REQUEST_TIMED_OUT, "timed out", retriable=True))
+    checkpoint.maybe_commit()
+    assert checkpoint.holding and checkpoint.room() == 0
+    ownership.revoke([(TOPIC, 0)])
+    checkpoint.drop([(TOPIC, 0)])
+    ownership.assign([(TOPIC, 0)])  # the group gives it back: reading must resume from the committed offset
+    checkpoint.maybe_commit()
+    assert not checkpoint.holding and checkpoint.room() > 0 and consumer.commits == []
