@@ -632,12 +632,14 @@ class SimEngine(ExtractiveEngine):
         self._spell: tuple[str, int] | None = None  # kind, calls left
 
     def _fault(self) -> str | None:
-        if self.calls == 1 or not self.plan.faults_on:
+        if self.calls == 1:
             return None  # the warm-up
-        if self._spell is not None:
+        if self._spell is not None:  # a spell runs its course, also past the end of the fault phase
             kind, left = self._spell
             self._spell = (kind, left - 1) if left > 1 else None
             return kind
+        if not self.plan.faults_on:
+            return None
         for kind in ("engine_raise", "engine_error", "engine_empty", "engine_count", "engine_hang"):
             # Engine calls are few (one per batch or step that finishes something): faults land on them more often.
             if self.plan.fault(kind, self.life.number, "engine", self.calls, scale=ENGINE_SCALE):
