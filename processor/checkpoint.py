@@ -142,6 +142,11 @@ class BaseCheckpoint:
         return 0 if self.holding else max(0, self.max_uncommitted - self.uncommitted)
 
     @property
+    def accepts_finished(self) -> bool:
+        """Whether the loop may hand over the next finished unit of work (a micro-batch) now."""
+        return True
+
+    @property
     def finished_waiting(self) -> int:
         """Outputs built and not yet handed on (waiting behind a commit)."""
         return self.tracker.counts()[State.FINISHED]
@@ -208,6 +213,12 @@ class AtLeastOnceCheckpoint(BaseCheckpoint):
         super().__init__(**base)
         self.consumer = consumer
         self.sink = sink
+
+    @property
+    def accepts_finished(self) -> bool:
+        # One release at a time: while a finished batch waits behind the commit of the one released before it, a
+        # second one handed over now would go out with it in one release, and a crash would duplicate both.
+        return not (self.policy.one_release_at_a_time and self.finished_waiting)
 
     def release(self) -> list[OutgoingRecord]:
         """Finished outputs that may go out now, marked released (empty while holding after a failed commit)."""

@@ -137,6 +137,9 @@ class Worker:
         self.metrics.watch_engine(self.pipeline.stalled_for, settings.engine_call_timeout_s)  # /healthz, /readyz
 
         self._inbox: deque[Message] = deque()  # consumed, not yet through intake (held while the registry is down)
+        # Finished work (one pipeline.take() each: a micro-batch) the checkpoint does not accept yet: handed on one at
+        # a time, so that a commit never releases two batches at once (the engine meanwhile goes on generating).
+        self._finished: deque[list[OutgoingRecord]] = deque()
         self._registry = registry_retry or Backoff(give_up_after_s=settings.infrastructure_retry_timeout_s)
         self._paused = False
         self._full_since: float | None = None
@@ -372,10 +375,13 @@ class Worker:
 
     # ------------------------------------------------------------------------------------- finish → publish
     def _finish(self, records: list[OutgoingRecord]) -> None:
-        for record in records:
-            # False for a record no longer this worker's (revoked while it generated): the new owner produces it.
-            if self.checkpoint.finish(record.source, record) and record.is_dead_letter:
-                self._log_dead_letter(record)
+        if records:
+            self._finished.append(records)
+        while self._finished and self.checkpoint.accepts_finished:
+            for record in self._finished.popleft():
+                # False for a record no longer this worker's (revoked while it generated): the new owner produces it.
+                if self.checkpoint.finish(record.source, record) and record.is_dead_letter:
+                    self._log_dead_letter(record)
         for stats in self.pipeline.batches():
             self.metrics.batch_done(stats)
             self.totals["prompt_tokens"] += stats.prompt_tokens
@@ -536,11 +542,12 @@ class Worker:
         self._finish(self.pipeline.finish(self.settings.shutdown_timeout_s))
         # What finished is published and committed before exit: a batch may wait behind the previous batch's
         # commit (one batch at a time), so release, acknowledge and commit until nothing finished is left.
-        for _round in range(3):
+        for _round in range(len(self._finished) + 3):
+            self._finish([])
             self._publish()
             self.checkpoint.flush(max(0.0, deadline - time.monotonic()))
             self._commit(force=True)
-            if not self.checkpoint.finished_waiting or time.monotonic() > deadline:
+            if not (self.checkpoint.finished_waiting or self._finished) or time.monotonic() > deadline:
                 break
         log.info("stopped: %(consumed)d consumed, %(summaries)d summaries, %(dead_letters)d dead letters published; "
                  "%(prompt_tokens)d prompt + %(completion_tokens)d completion tokens", self.totals,

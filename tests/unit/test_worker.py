@@ -449,3 +449,26 @@ def test_sigterm_while_a_batch_is_inside_generate_lets_it_finish_then_publishes_
     outputs = visible_summaries if guarantee == "exactly_once" else summaries
     assert sorted(outputs(producer)) == ["evt-000000", "evt-000001"], "the batch in generate() finished and was published"
     assert worker.records_committed == 2 and consumer.committed_offsets == {0: 2}, "... and committed before run() returned"
+
+
+def test_a_commit_releases_one_micro_batch_even_when_two_finished_behind_it(mode):
+    """README Reliability: a crash duplicates at most one micro-batch. While the released batch waits for its
+    acknowledgement, the engine finishes the next two; the commit must then release one batch, not both."""
+    if mode != "micro_batch":
+        pytest.skip("continuous mode commits a bound of records, not one release at a time")
+    consumer, producer = FakeGroupConsumer("in"), FakeProducer()
+    feed(consumer, 6)
+    worker = Worker(settings(), ExtractiveEngine(), consumer=consumer, producer=producer)
+    produced_at_commit: list[int] = []
+    consumer.before_commit = lambda _offsets: produced_at_commit.append(len(producer.produced))
+    producer.hold = True
+    held_until = time.monotonic() + 0.5  # long enough for the engine to finish every batch behind the first
+
+    def until() -> bool:
+        if time.monotonic() > held_until:
+            producer.hold = False
+        return worker.records_committed >= 6
+
+    assert run(worker, until) == 0
+    released = [b - a for a, b in zip([0] + produced_at_commit, produced_at_commit)]
+    assert released and max(released) <= 2, f"records released per commit: {released}"
