@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 # The warm-up's tokens per prompt: enough to run the decode path at the batch shape, short enough that a warm-up on
 # a CPU takes seconds and a stop during it is not kept waiting.
 WARM_UP_MAX_TOKENS = 4
+# How long closing waits for the continuous feed's step in flight before abandoning its (daemon) thread: a decode step
+# takes milliseconds, so this covers one that is merely finishing, and stays far below the group's session timeout.
+CLOSE_WAIT_S = 1.0
 
 Outcome = Generation | EventGenerationError
 Done = tuple[BatchItem, "Outcome | BaseException"]
@@ -496,5 +499,10 @@ class ContinuousScheduler:
         return finished
 
     def close(self) -> None:
-        hung = self.call_timeout_s is not None and self.stalled_for() > self.call_timeout_s
-        self.feed.close(timeout=0.0 if hung else 10.0)  # a hung engine thread is abandoned (a daemon)
+        # The polling thread closes the consumer (leaves the group) after this: a step still running is waited for
+        # briefly, never for the rest of the call timeout — a call that is hanging but not yet past its deadline looks
+        # like a slow one, and waiting it out kept the worker from leaving the group (the feed's thread is a daemon).
+        wait = CLOSE_WAIT_S
+        if self.call_timeout_s is not None:
+            wait = min(wait, max(0.0, self.call_timeout_s - self.stalled_for()))
+        self.feed.close(timeout=wait)

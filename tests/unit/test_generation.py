@@ -450,3 +450,35 @@ def test_an_event_that_failed_once_gets_a_second_try_before_it_is_blamed(mode):
         assert all(isinstance(o, Generation) for _, o in done), "a transient failure must not dead-letter a good event"
     finally:
         scheduler.close()
+
+
+class BlockingEngine(ExtractiveEngine):
+    """Every call blocks until `release` is set (a hang that has not yet reached the call timeout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def generate(self, prompts):
+        self.release.wait(10)
+        return super().generate(prompts)
+
+
+def test_closing_the_continuous_scheduler_waits_only_briefly_for_a_step_that_is_not_yet_hung():
+    from processor.generation import CLOSE_WAIT_S
+
+    engine = BlockingEngine()
+    feed = ContinuousFeed(engine, budget=None, max_new_tokens=1536)
+    scheduler = ContinuousScheduler(feed=feed, engine=engine, probe_prompt=prompts(1)[0], retry_timeout_s=60,
+                                    call_timeout_s=300.0)
+    try:
+        scheduler.add(item(0, prompts(1)[0]))
+        deadline = time.monotonic() + 5
+        while scheduler.stalled_for() == 0.0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert scheduler.stalled_for() > 0.0, "the step started"
+        started = time.monotonic()
+        scheduler.close()
+        assert time.monotonic() - started < CLOSE_WAIT_S + 0.5, "close() waited out the blocked step"
+    finally:
+        engine.release.set()
