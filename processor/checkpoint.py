@@ -40,7 +40,7 @@ __all__ = ["TP", "State", "Ownership", "OffsetTracker", "CommitPolicy", "BaseChe
 # engine's throughput × that request's time, with summary lengths of median ~270 and a tail to 1,536 tokens up to ~5
 # windows (~300 records at a window of 64). bench/uncommitted_bound.py: four windows stopped reading 10 times in 1,000
 # events and cost the engine 1-2 % more steps; eight never; one window ran the engine at 0.4 of its speed. In
-# micro_batch mode two batches at a time (one generating, one waiting) are all the scheduler reads, so it never binds.
+# micro_batch mode it binds only while a commit is slow: finished batches then wait their turn (one release at a time).
 UNCOMMITTED_WINDOWS = 8
 # Continuous generation finishes a request at a time: committing on every one would be a commit per record.
 CONTINUOUS_COMMIT_EVERY_S = 0.2
