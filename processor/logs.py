@@ -98,6 +98,12 @@ class RepeatFilter(logging.Filter):
         self._passed_in_window = 0
         self._dropped_in_window = 0
 
+    def reset(self) -> None:
+        """Forget every line seen and start a new window (a process that reconfigures its logging starts afresh)."""
+        with self._lock:
+            self._seen.clear()
+            self._window_started, self._passed_in_window, self._dropped_in_window = self.clock(), 0, 0
+
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name != LIBRDKAFKA_LOGGER and getattr(record, "client_error", None) is None:
             return True
