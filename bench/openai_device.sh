@@ -16,7 +16,7 @@ SITE=/tmp/site
 [ -d "$SITE/vllm" ] || bash "$KIT/c1/install.sh"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$SERVE"/*.whl "$WHEELS"/*.whl
 export PYTHONPATH="$SITE:$ROOT" VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 PYTHONUNBUFFERED=1
-unset VLLM_QUANTIZATION
+export VLLM_QUANTIZATION=  # unquantised random weights: the settings default (awq) would look for a quantisation config
 MODEL=/tmp/m
 [ -f "$MODEL/config.json" ] || python3 bench/vllm_modes.py build --model-dir "$MODEL"
 mkdir -p "$OUT"
