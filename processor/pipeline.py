@@ -136,7 +136,9 @@ def make_pipeline(settings: Settings, engine: Engine, codec: Codec, *, max_recor
                   limits: BatchLimits | None = None) -> Pipeline:
     """The pipeline for GENERATION_MODE."""
     limits = limits or resolve_batch_limits(settings, engine.capacity())
-    prompts = PromptBuilder(engine.tokenizer, settings.max_model_len, settings.sampling_max_tokens, settings.summary_language)
+    # An engine that learns its context from elsewhere (ENGINE=openai: the server's max_model_len) says so.
+    context = getattr(engine, "context_length", None) or settings.max_model_len
+    prompts = PromptBuilder(engine.tokenizer, context, settings.sampling_max_tokens, settings.summary_language)
     intake = Intake(codec=codec, prompts=prompts, max_event_bytes=settings.max_event_bytes)
     records = RecordBuilder(
         encode_summary=lambda record: codec.serialize(record, SerializationContext(settings.kafka_output_topic, SUMMARY_SCHEMA)),

@@ -287,7 +287,8 @@ class OpenAIEngine:
         try:
             entry = _served_model(client, settings)
             context = entry.get("max_model_len")
-            if isinstance(context, int) and context < settings.max_model_len:
+            explicit = "max_model_len" in settings.model_fields_set  # VLLM_MAX_MODEL_LEN set: honoured, and checked
+            if isinstance(context, int) and explicit and context < settings.max_model_len:
                 raise EngineStartupError(
                     f"the server holds {context} tokens of context for {settings.model_for_openai} and "
                     f"VLLM_MAX_MODEL_LEN={settings.max_model_len} asks for more: set VLLM_MAX_MODEL_LEN={context} (or less)"
@@ -298,10 +299,11 @@ class OpenAIEngine:
             raise
         if not isinstance(tokenizer, ServerTokenizer):
             client.close()
-        context_length = settings.max_model_len
+        # The server's own context where it reports one (vLLM's max_model_len), unless VLLM_MAX_MODEL_LEN says less.
+        context_length = context if isinstance(context, int) and not explicit else settings.max_model_len
         log.info("ENGINE=openai: %s at %s, context %d (%s), tokens counted by %s, up to %d requests in flight",
                  settings.model_for_openai, settings.openai_base_url, context_length,
-                 "the server's max_model_len" if isinstance(context, int) else "VLLM_MAX_MODEL_LEN",
+                 "the server's max_model_len" if isinstance(context, int) and not explicit else "VLLM_MAX_MODEL_LEN",
                  type(tokenizer).__name__, settings.openai_max_in_flight)
         return cls(settings=settings, tokenizer=tokenizer, context_length=context_length)
 

@@ -293,6 +293,28 @@ def test_a_context_setting_beyond_the_servers_is_a_start_up_error_naming_it():
         server.close()
 
 
+def test_the_context_comes_from_the_server_unless_vllm_max_model_len_says_less():
+    from processor.codec import AvroCodec
+    from processor.pipeline import make_pipeline
+
+    server = FakeOpenAIServer(max_model_len=2048)
+    try:
+        values = {"engine": "openai", "openai_base_url": server.base_url, "openai_model": server.model,
+                  "openai_timeout_s": 5.0, "sampling_max_tokens": 512}
+        settings = load_settings(**values)
+        engine = create_engine(settings)
+        assert engine.context_length == 2048, "the server's max_model_len, VLLM_MAX_MODEL_LEN not set"
+        pipeline = make_pipeline(settings, engine, AvroCodec())
+        assert pipeline.intake.prompts.budget == 2048 - 512, "prompts are packed to the server's context"
+        pipeline.close()
+        engine.close()
+        engine = create_engine(load_settings(**values, max_model_len=1024))
+        assert engine.context_length == 1024, "a smaller VLLM_MAX_MODEL_LEN is honoured"
+        engine.close()
+    finally:
+        server.close()
+
+
 def test_an_unreachable_server_at_start_up_is_waited_for_then_exit_5():
     server = FakeOpenAIServer()
     url = server.base_url
