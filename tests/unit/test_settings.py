@@ -84,3 +84,9 @@ def test_a_bad_secret_is_not_echoed(monkeypatch):
         load_settings()
     assert "hunter2-secret" not in str(info.value)
     assert "KAFKA_SASL_MECHANISM" in str(info.value)
+
+
+def test_an_openai_request_deadline_must_end_before_the_engine_call_deadline():
+    with pytest.raises(ConfigurationError, match="OPENAI_TIMEOUT_S"):
+        load_settings(engine="openai", openai_base_url="http://127.0.0.1:1/v1", openai_timeout_s=300, engine_call_timeout_s=300)
+    assert load_settings(engine="openai", openai_base_url="http://127.0.0.1:1/v1", openai_timeout_s=60, engine_call_timeout_s=300)
