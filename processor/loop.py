@@ -120,6 +120,7 @@ class Worker:
 
         self.pipeline: Pipeline = pipeline or make_pipeline(settings, engine, self.codec, max_record_bytes=max_record_bytes(producer_conf))
         self.ownership = Ownership()
+        # The callbacks are late-bound: assignment and progress are built on the checkpoint, just below.
         self.checkpoint: BaseCheckpoint = make_checkpoint(
             settings, consumer=self.consumer, producer=self.producer, policy=commit_policy or CommitPolicy.from_settings(settings),
             ownership=self.ownership, window=self.pipeline.window, keep_alive=lambda: self.assignment.keep_alive(),
