@@ -28,6 +28,9 @@ calls reset() (clears everything, work submitted after the failure included) and
 had submitted: the ContinuousScheduler holds everything unfinished and bisects it through start_exclusive() and the
 engine's generate(). start_exclusive() is run_exclusive() without the wait — the polling thread must never wait
 on the engine — and a call of it that raises fails the feed like step() would.
+
+Modules: this one holds the feed and its caller side; feed_loop.py the feed's thread (FeedLoop, its base);
+admission.py the budget bookkeeping (Admission).
 """
 
 from __future__ import annotations
@@ -35,36 +38,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Iterable, TypeVar
+from collections import deque
+from typing import Any, Callable, Iterable, TypeVar
 
-from processor.engines.base import CallClock, EventGenerationError, Finished, InFlightBudget, Prompt, StreamingEngine, TimedEngine
+from processor.admission import Admission
+from processor.engines.base import CallClock, Finished, InFlightBudget, Prompt, StreamingEngine, TimedEngine
+from processor.feed_loop import Exclusive, FeedLoop
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Requests queued beyond what fills the budget: enough to refill the engine from the feed's own thread while the
-# caller is busy elsewhere (polling, publishing), small enough that abort-on-revoke has little to withdraw.
-LOOKAHEAD_MIN = 4
-LOOKAHEAD_SHARE = 0.25
 
-
-@dataclass
-class Exclusive(Generic[T]):
-    """One call run on the feed's thread with the engine to itself; `done` is set once `result` or `error` is."""
-
-    fn: Callable[[StreamingEngine], T]
-    wait_idle: bool  # run_exclusive: wait until nothing is in flight; reset: run at once
-    settles: bool = False  # start_exclusive: an exception fails the feed
-    started: bool = False
-    done: threading.Event = field(default_factory=threading.Event)
-    result: Any = None
-    error: BaseException | None = None
-
-
-class ContinuousFeed:
+class ContinuousFeed(FeedLoop):
     def __init__(
         self,
         engine: StreamingEngine,
@@ -79,24 +65,20 @@ class ContinuousFeed:
         self._engine: StreamingEngine = TimedEngine(engine, self.clock)  # type: ignore[assignment] - every call the feed makes is timed
         self.budget = budget
         self.max_new_tokens = max_new_tokens
-        self.max_sequences = budget.max_sequences if budget is not None else max_sequences_default
-        self.kv_tokens: int | None = budget.kv_tokens if budget is not None else None
-        self._block_size = budget.block_size if budget is not None else 1
-        # Refill once at least this many sequence slots are free (1: as soon as anything finishes). Larger values
-        # let new prompts enter the engine together: on vLLM V1 every step that holds a prefill runs outside the
-        # decode CUDA graphs, so one refill per finished request costs a slow step each (bench/vllm_modes.py).
-        self.refill_min = max(1, min(refill_min, self.max_sequences))
+        self.admission = Admission(budget, max_new_tokens=max_new_tokens, max_sequences_default=max_sequences_default,
+                                   refill_min=refill_min)
+        self.max_sequences = self.admission.max_sequences
+        self.kv_tokens = self.admission.kv_tokens
+        self.refill_min = self.admission.refill_min
 
         self._cond = threading.Condition()
-        self._queue: OrderedDict[str, tuple[Prompt, int]] = OrderedDict()  # submitted, not admitted: id → (prompt, cost)
-        self._in_flight: OrderedDict[str, int] = OrderedDict()  # admitted to the engine: id → KV tokens reserved
-        self._tokens_in_flight = 0
-        self._aborting: set[str] = set()  # in flight, withdrawn by the caller, not yet aborted in the engine
+        self._queue = self.admission.queue
+        self._in_flight = self.admission.in_flight
+        self._aborting = self.admission.aborting
         self._finished: list[Finished] = []
         self._failed: list[str] = []
         self._exclusive: deque[Exclusive[Any]] = deque()
         self._closed = False
-        self._mean_cost = float(2 * max_new_tokens)  # running estimate of a request's cost, for wanted()
         self.failure: BaseException | None = None
 
         # Engine time with and without work in flight, measured on the feed's thread.
@@ -119,23 +101,18 @@ class ContinuousFeed:
     # ------------------------------------------------------------------------------------- caller side
     def submit(self, request_id: str, prompt: Prompt) -> None:
         """Queue one request; the feed admits it to the engine when the budget allows. Thread-safe."""
-        cost = self._cost(prompt)
+        cost = self.admission.cost(prompt)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the continuous feed is closed")
-            if request_id in self._queue or (request_id in self._in_flight and request_id not in self._aborting):
-                raise ValueError(f"request {request_id!r} is already submitted and unfinished")
-            self._queue[request_id] = (prompt, cost)
-            self._mean_cost += (cost - self._mean_cost) * 0.05
+            self.admission.enqueue(request_id, prompt, cost)
             self._cond.notify_all()
 
     def abort(self, request_ids: Iterable[str]) -> None:
         """Withdraw requests, queued or in flight; no Finished is reported for them afterwards. Thread-safe."""
         with self._cond:
             ids = set(request_ids)
-            for request_id in ids:
-                if self._queue.pop(request_id, None) is None and request_id in self._in_flight:
-                    self._aborting.add(request_id)
+            self.admission.withdraw(ids)
             self._finished = [f for f in self._finished if f.request_id not in ids]
             self._failed = [i for i in self._failed if i not in ids]
             self._cond.notify_all()
@@ -158,21 +135,14 @@ class ContinuousFeed:
         with self._cond:
             if self._closed or self.failure is not None:
                 return 0
-            capacity = self._capacity_locked()
-            lookahead = max(LOOKAHEAD_MIN, int(capacity * LOOKAHEAD_SHARE))
-            return max(0, capacity + lookahead - (len(self._in_flight) - len(self._aborting)) - len(self._queue))
+            return self.admission.wanted()
 
     @property
     def capacity(self) -> int:
         """Requests the engine can hold at once: the sequence limit, or fewer where the KV cache fits fewer of the
         requests seen so far (a running mean of their cost; before any, the worst case of a whole-context request)."""
         with self._cond:
-            return self._capacity_locked()
-
-    def _capacity_locked(self) -> int:
-        if self.kv_tokens is None:
-            return self.max_sequences
-        return min(self.max_sequences, max(1, int(self.kv_tokens // max(1.0, self._mean_cost))))
+            return self.admission.capacity()
 
     def failed_ids(self) -> list[str]:
         """The ids that were submitted and unfinished when the engine failed, in submission order."""
@@ -237,7 +207,7 @@ class ContinuousFeed:
     @property
     def in_flight(self) -> int:
         with self._cond:
-            return len(self._in_flight) - len(self._aborting)
+            return self.admission.live
 
     @property
     def queued(self) -> int:
@@ -254,11 +224,7 @@ class ContinuousFeed:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
-    # ------------------------------------------------------------------------------------ feed's thread
-    def _cost(self, prompt: Prompt) -> int:
-        tokens = prompt.prompt_tokens + self.max_new_tokens
-        return -(-tokens // self._block_size) * self._block_size
-
+    # ------------------------------------------------------------------ handing a call to the feed's thread
     def _call(self, job: Exclusive[Any], timeout: float | None) -> None:
         if threading.current_thread() is self._thread:
             raise RuntimeError("run_exclusive/reset called from the feed's own thread")
@@ -275,178 +241,3 @@ class ContinuousFeed:
             raise TimeoutError(f"the engine was not free within {timeout} s")
         if job.error is not None:
             raise job.error
-
-    def _account(self, had_work: bool) -> None:
-        now = time.perf_counter()
-        if had_work:
-            self._busy += now - self._mark
-        else:
-            self._idle += now - self._mark
-        self._mark = now
-
-    def _admissible_locked(self) -> bool:
-        if not self._queue or self.failure is not None:
-            return False
-        if any(job.wait_idle for job in self._exclusive):
-            return False  # draining for run_exclusive
-        request_id, (_, cost) = next(iter(self._queue.items()))
-        if request_id in self._in_flight:
-            return False  # the same id is still being aborted: after that
-        live = len(self._in_flight)
-        if live == 0:
-            return True  # always one: a request larger than the whole budget still runs, alone
-        if live + 1 > self.max_sequences:
-            return False
-        return self.kv_tokens is None or self._tokens_in_flight + cost <= self.kv_tokens
-
-    def _has_work_locked(self) -> bool:
-        if self._closed or self._aborting:
-            return True
-        if self._exclusive and (not self._exclusive[0].wait_idle or not self._in_flight):
-            return True
-        if self.failure is not None:
-            return False
-        return bool(self._in_flight) or self._admissible_locked()
-
-    def _release_locked(self, request_id: str) -> None:
-        self._tokens_in_flight -= self._in_flight.pop(request_id, 0)
-        self._aborting.discard(request_id)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                if not self._has_work_locked():
-                    self._account(had_work=bool(self._in_flight))
-                    self._idle_since = self._mark
-                    while not self._has_work_locked():
-                        self._cond.wait()
-                    self._idle_since = None
-                    self._account(had_work=False)
-                if self._closed:
-                    break
-                aborts = [i for i in self._in_flight if i in self._aborting]
-            if aborts:
-                self._abort_in_engine(aborts)
-            with self._cond:
-                for request_id in aborts:
-                    self._release_locked(request_id)
-                job = None
-                if self._exclusive and (not self._exclusive[0].wait_idle or not self._in_flight):
-                    job = self._exclusive.popleft()
-                    job.started = True
-            if job is not None:
-                self._run_job(job)
-                continue
-            self._admit()
-            self._step()
-        self._shutdown()
-
-    def _abort_in_engine(self, request_ids: list[str]) -> None:
-        had_work = bool(self._in_flight)
-        try:
-            self._engine.abort(request_ids)
-        except Exception as exc:  # noqa: BLE001 - a broken engine cannot hold them either; the ids are released
-            log.warning("aborting %d requests in the engine failed: %s", len(request_ids), exc)
-        self._account(had_work)
-
-    def _run_job(self, job: Exclusive[Any]) -> None:
-        try:
-            job.result = job.fn(self._engine)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller of run_exclusive
-            job.error = exc
-        finally:
-            self._account(had_work=True)
-            # A started job's success clears nothing: the caller starts one only while the feed has no failure, so a
-            # failure recorded now happened while the job waited for the engine to drain (a step() that raised), and
-            # its failed requests are the caller's to hold and retry — clearing it would lose them.
-            if job.settles and job.error is not None:
-                self._fail(job.error)
-            job.done.set()
-
-    def _admit(self) -> None:
-        with self._cond:
-            live = len(self._in_flight)
-            if live and self.max_sequences - live < self.refill_min:
-                return  # wait until enough room is free to refill together
-        while True:
-            with self._cond:
-                if not self._admissible_locked():
-                    return
-                request_id, (prompt, cost) = self._queue.popitem(last=False)
-                self._in_flight[request_id] = cost
-                self._tokens_in_flight += cost
-            try:
-                self._engine.add_request(request_id, prompt)
-            except EventGenerationError as exc:  # this request's failure (e.g. a prompt over max_model_len)
-                with self._cond:
-                    self._release_locked(request_id)
-                    self._finished.append(Finished(request_id, exc))
-                    self._cond.notify_all()
-            except Exception as exc:  # noqa: BLE001 - the engine as a whole
-                self._fail(exc)
-                return
-
-    def _step(self) -> None:
-        with self._cond:
-            if not self._in_flight or self.failure is not None:
-                return
-        try:
-            finished = self._engine.step() if self._engine.has_unfinished() else []
-            lost = [] if self._engine.has_unfinished() else None
-        except Exception as exc:  # noqa: BLE001 - the engine as a whole
-            self._account(had_work=True)
-            self._fail(exc)
-            return
-        self.steps += 1
-        self._account(had_work=True)
-        with self._cond:
-            for item in finished:
-                if item.request_id not in self._in_flight:
-                    continue  # not (or no longer) ours
-                dropped = item.request_id in self._aborting
-                self._release_locked(item.request_id)
-                if not dropped:
-                    self._finished.append(item)
-            if lost is None and self._in_flight:
-                # The engine says nothing is unfinished, yet these never came back: report them rather than
-                # stepping an idle engine for ever.
-                for request_id in list(self._in_flight):
-                    dropped = request_id in self._aborting
-                    self._release_locked(request_id)
-                    if not dropped:
-                        self._finished.append(
-                            Finished(request_id, EventGenerationError("the engine finished without an output for it"))
-                        )
-            if finished or lost is None:
-                self._cond.notify_all()
-
-    def _fail(self, exc: BaseException) -> None:
-        log.error("the engine failed as a whole: %s: %s", type(exc).__name__, exc)
-        with self._cond:
-            in_flight = [i for i in self._in_flight if i not in self._aborting]
-            self.failure = exc
-            self._failed = in_flight + list(self._queue)
-            self._queue.clear()
-            held = list(self._in_flight)
-        # Whatever the engine still holds must go before anything else runs on it (a probe's generate() would
-        # step stale requests too).
-        if held:
-            self._abort_in_engine(held)
-        with self._cond:
-            for request_id in held:
-                self._release_locked(request_id)
-            self._cond.notify_all()
-
-    def _shutdown(self) -> None:
-        with self._cond:
-            held = list(self._in_flight)
-            pending = list(self._exclusive)
-            self._exclusive.clear()
-        if held:
-            self._abort_in_engine(held)
-        with self._cond:
-            for request_id in held:
-                self._release_locked(request_id)
-        for job in pending:
-            job.error = RuntimeError("the continuous feed closed")
-            job.done.set()

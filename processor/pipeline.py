@@ -26,7 +26,8 @@ from processor.capacity import BatchLimits, resolve_batch_limits
 from processor.codec import SUMMARY_SCHEMA, Codec, SchemaStore, SerializationContext
 from processor.engines.base import Engine, EngineStartupError, Prompt, StreamingEngine
 from processor.events import validate_event
-from processor.generation import BatchStats, Done, ContinuousScheduler, MicroBatchScheduler, Scheduler
+from processor.continuous_scheduler import ContinuousScheduler
+from processor.generation import BatchStats, Done, MicroBatchScheduler, Scheduler
 from processor.intake import Intake
 from processor.prompt import PromptBuilder
 from processor.records import DEFAULT_MAX_RECORD_BYTES, OutgoingRecord, RecordBuilder

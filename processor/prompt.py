@@ -7,7 +7,7 @@ query alone does not fit raises PromptTooLongError (→ DLQ).
 
 It runs on the polling thread, so its cost is bounded whatever the event holds (up to MAX_EVENT_BYTES):
 1. Untrusted text is capped before anything is tokenised (MAX_RESULTS_PER_EVENT, MAX_TITLE_CHARS, MAX_URL_CHARS,
-   and no more text in all than could possibly fit the budget), then cleaned (`_Cleaner`).
+   and no more text in all than could possibly fit the budget), then cleaned (prompt_text.Cleaner).
 2. The chat is rendered and tokenised once. Most events fit: that single pass is the whole cost.
 3. An event over budget reads each piece's token count off that same pass (token offsets), plans every cut on
    those counts — nearly additive — and is measured exactly once more. Only where boundary effects leave it over
@@ -17,8 +17,6 @@ It runs on the polling thread, so its cost is bounded whatever the event holds (
 from __future__ import annotations
 
 import hashlib
-import re
-import unicodedata
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from string import Formatter
@@ -27,6 +25,7 @@ from typing import Sequence
 from processor.engines.base import ChatMessage, Encoded, Prompt, Tokenizer
 from processor.errors import RecordError
 from processor.events import SearchEvent, SearchResult
+from processor.prompt_text import LANGUAGE_NAMES, Cleaner, detect_language, prefix, utf8_size
 
 SYSTEM_TEMPLATE = (
     "You are a research assistant that writes accurate, neutral summaries of web search results.\n"
@@ -55,43 +54,9 @@ MAX_RESULTS_PER_EVENT = 100
 MAX_TITLE_CHARS = 512
 # 2048 is the de-facto URL limit of browsers and CDNs; longer ones are tracking payloads, not addresses.
 MAX_URL_CHARS = 2048
-# The longest BCP-47 tags in use (language-script-region-variant) are well under 35 characters.
-MAX_LANGUAGE_CHARS = 35
 # Exact tokenizer passes per event: the first, the one after the planned cut, and two corrections at most.
 MAX_MEASUREMENTS = 4
 
-LANGUAGE_NAMES = {
-    "ko": "Korean (한국어)",
-    "en": "English",
-    "ja": "Japanese (日本語)",
-    "zh": "Chinese (中文)",
-    "de": "German",
-    "fr": "French",
-    "es": "Spanish",
-}
-_HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
-_KANA = re.compile(r"[\u3040-\u30ff]")
-_HAN = re.compile(r"[\u4e00-\u9fff]")
-# A query's script shows in its first characters; scanning a 4 MiB one three times would cost 100 ms.
-_DETECT_CHARS = 1024
-# A BCP-47-like tag: a 2–3 letter language, then subtags (script, region, variant). Anything else is not a language.
-_LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*")
-# Codes that name no language to write in (undetermined, multiple, no linguistic content): detect instead.
-_NOT_A_LANGUAGE = frozenset({"und", "mul", "zxx", "mis"})
-# Web text may close our delimiters to escape them; neutralise any tag we use inside untrusted text.
-_DELIMITER = re.compile(r"<\s*/?\s*(search_results|result|query)\b", re.IGNORECASE)
-# Unicode format characters (category Cf: zero-width spaces and joiners, bidi controls, tag characters, soft
-# hyphen, BOM, …) are invisible but split a delimiter or a control string apart so no match sees it: drop them.
-# Generated from unicodedata (Unicode 14, Python 3.11); tests/unit/test_prompt.py checks it against the running one.
-FORMAT_CHARS = re.compile(
-    "[\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064"
-    "\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3"
-    "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]"
-)
-# What breaks a matched delimiter or control string: its first character swapped for a look-alike that no
-# tokenizer treats as markup (and NFKC leaves alone), else a word joiner after it.
-_LOOKALIKE = {"<": "‹", ">": "›", "[": "⁅", "]": "⁆", "{": "❴", "}": "❵", "|": "¦"}
-_WORD_JOINER = "\u2060"
 # Past this many UTF-8 bytes a token no tokenizer we support would still fit the budget: text beyond budget × this,
 # in the order it would be kept, cannot fit and is cut before tokenising. Bytes, not characters: a Korean or Chinese
 # character is 3 bytes and about a token, so CJK text is capped as tightly as English (about 4 bytes a token).
@@ -104,68 +69,6 @@ class PromptTooLongError(RecordError):
 
 class ControlTokenError(RecordError):
     """The event's text still produced a control token after cleaning (a tokenizer we do not know how to escape)."""
-
-
-def language_tag(value: str | None) -> str | None:
-    """The primary subtag of a BCP-47-like language tag, lower-cased ("ko-KR", "EN_us" → "ko", "en"), or None for
-    anything that is not one: a producer's bad `language` means "detect it", never a dead letter or prompt text."""
-    if not value or len(value) > MAX_LANGUAGE_CHARS:
-        return None
-    tag = unicodedata.normalize("NFKC", value).strip().replace("_", "-")
-    if not _LANGUAGE_TAG.fullmatch(tag):  # fullmatch: "$" would accept a trailing newline
-        return None
-    primary = tag.split("-", 1)[0].lower()
-    return None if primary in _NOT_A_LANGUAGE else primary
-
-
-def detect_language(event: SearchEvent) -> str:
-    tag = language_tag(event.language)
-    if tag:
-        return tag
-    head = event.query[:_DETECT_CHARS]
-    if _HANGUL.search(head):
-        return "ko"
-    if _KANA.search(head):
-        return "ja"
-    if _HAN.search(head):
-        return "zh"
-    return "en"
-
-
-def _break(match: re.Match[str]) -> str:
-    text = match.group(0)
-    first = text[0]
-    return _LOOKALIKE.get(first, first + _WORD_JOINER) + text[1:]
-
-
-class _Cleaner:
-    """Makes untrusted text inert: it cannot close our delimiters nor produce one of the tokenizer's control tokens.
-
-    Format characters out, so zero-width characters cannot split a match; then NFKC, so full-width and other
-    compatibility look-alikes (＜／search_results＞, ＜｜im_start｜＞) become the ASCII they would be read as (no
-    NFKC mapping yields a format character, so none comes back); last, every delimiter and control string, in any
-    case, gets its first character swapped — after NFKC, which would otherwise rebuild them.
-    """
-
-    def __init__(self, control_tokens: frozenset[str]) -> None:
-        ordered = sorted(control_tokens, key=len, reverse=True)  # longest first: <|im_start|> before <|im
-        self.controls = re.compile("|".join(map(re.escape, ordered)), re.IGNORECASE) if ordered else None
-        # The characters a match must start with: text without any of them needs no regex pass (the common case).
-        self.triggers = tuple({"<"} | {c for token in ordered for c in (token[0].lower(), token[0].upper())})
-
-    def __call__(self, text: str) -> str:
-        if not text.isascii():  # ASCII is already NFKC and has no format characters
-            text = FORMAT_CHARS.sub("", text)
-            if not unicodedata.is_normalized("NFKC", text):
-                text = unicodedata.normalize("NFKC", text)
-        for trigger in self.triggers:
-            if trigger in text:
-                return self._neutralise(text)
-        return text
-
-    def _neutralise(self, text: str) -> str:
-        text = _DELIMITER.sub(_break, text)
-        return self.controls.sub(_break, text) if self.controls is not None else text
 
 
 @dataclass
@@ -219,19 +122,6 @@ _CONTENT_HEAD, _CONTENT_TAIL = CONTENT_TEMPLATE.split("{content}")
 _RESULT_OVERHEAD = len(RESULT_TEMPLATE.format(rank="", title="", url="", snippet="", content="")) + len(_CONTENT_HEAD + _CONTENT_TAIL)
 
 
-def _utf8_size(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-
-def _prefix(text: str, max_chars: int, max_bytes: int) -> str:
-    """The longest prefix of at most `max_chars` characters and `max_bytes` UTF-8 bytes (the text itself if it fits)."""
-    text = text[:max_chars]
-    if text.isascii():
-        return text[:max_bytes]
-    data = text.encode("utf-8", "surrogatepass")
-    return text if len(data) <= max_bytes else data[:max_bytes].decode("utf-8", "ignore")
-
-
 class PromptBuilder:
     def __init__(self, tokenizer: Tokenizer, max_model_len: int, max_tokens: int, summary_language: str = "auto") -> None:
         self.tokenizer = tokenizer
@@ -241,7 +131,7 @@ class PromptBuilder:
         self.summary_language = summary_language
         self.version = PROMPT_VERSION
         self.byte_budget = self.budget * _MAX_BYTES_PER_TOKEN
-        self._clean = _Cleaner(tokenizer.control_tokens)
+        self._clean = Cleaner(tokenizer.control_tokens)
         self._control_ids = tokenizer.control_token_ids
         self._template_controls: int | None = None  # control tokens the chat template itself puts in; on first use
 
@@ -251,7 +141,7 @@ class PromptBuilder:
     def build(self, event: SearchEvent) -> Prompt:
         language = self.language_for(event)
         query = self._clean(event.query)
-        query_bytes = _utf8_size(query)
+        query_bytes = utf8_size(query)
         if query_bytes > self.byte_budget:  # cannot fit at any tokenizer we support: do not even tokenise it
             raise self._too_long(f"a query of {len(query)} characters alone is over the budget")
         slots = self._slots(event.results, self.byte_budget - query_bytes)
@@ -295,7 +185,7 @@ class PromptBuilder:
         for result in results[:MAX_RESULTS_PER_EVENT]:
             title, title_cut = self._capped(result.title, MAX_TITLE_CHARS, left)
             url, url_cut = self._capped(result.url, MAX_URL_CHARS, left)
-            size = _utf8_size(title) + _utf8_size(url) + _RESULT_OVERHEAD
+            size = utf8_size(title) + utf8_size(url) + _RESULT_OVERHEAD
             if size > left:
                 break
             left -= size
@@ -303,19 +193,19 @@ class PromptBuilder:
         for slot in slots:
             slot.snippet, cut = self._capped(slot.result.snippet, left, left)
             slot.cut |= cut
-            left -= _utf8_size(slot.snippet)
+            left -= utf8_size(slot.snippet)
         for slot in slots:
             slot.content, cut = self._capped(slot.result.content or "", left, left)
             slot.cut |= cut
-            left -= _utf8_size(slot.content)
+            left -= utf8_size(slot.content)
         return slots
 
     def _capped(self, raw: str, max_chars: int, max_bytes: int) -> tuple[str, bool]:
         """Cleaned text within both limits, and whether any was left out. Cut before cleaning, so a 4 MiB field
         costs what its first `max_bytes` cost, and after it, as NFKC may lengthen text."""
-        head = _prefix(raw, max_chars, max_bytes)
+        head = prefix(raw, max_chars, max_bytes)
         cleaned = self._clean(head)
-        text = _prefix(cleaned, max_chars, max_bytes)
+        text = prefix(cleaned, max_chars, max_bytes)
         return text, len(head) < len(raw) or len(text) < len(cleaned)
 
     def _cut(self, slots: list[_Slot], spans: list[_Spans], counts: _Counts, over: int, margin: int) -> int:

@@ -55,7 +55,7 @@ def test_metrics_and_health_endpoints(broker, topics):
             assert get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
             assert get(f"http://127.0.0.1:{port}/readyz") == (200, "ready\n")
             time.sleep(5.5)  # one lag observation period
-            running.worker._observe_lag()
+            running.worker.progress.observe_lag()
             status, body = get(f"http://127.0.0.1:{port}/metrics")
         assert status == 200
         for name in (

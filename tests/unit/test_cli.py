@@ -260,7 +260,7 @@ def test_broker_fails_when_its_port_is_taken():
 
 def test_a_backfill_logs_in_text_unless_log_format_asks_for_json(monkeypatch):
     """`replay --backfill` runs the worker beside a progress bar: a JSON line there is noise unless asked for."""
-    from processor.cli import tool_log_format
+    from processor.ops.commands import tool_log_format
     from processor.settings import load_settings
 
     monkeypatch.delenv("LOG_FORMAT", raising=False)

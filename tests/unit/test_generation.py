@@ -15,7 +15,8 @@ from processor.engines.base import EmptySummaryError
 from processor.engines.isolation import EngineCallError, generate_isolated, probe_with
 from processor.errors import EngineUnavailableError
 from processor.events import validate_event
-from processor.generation import ContinuousScheduler, MicroBatchScheduler
+from processor.continuous_scheduler import ContinuousScheduler
+from processor.generation import MicroBatchScheduler
 from processor.prompt import PromptBuilder
 from processor.ops.samples import sample_events
 
@@ -465,7 +466,7 @@ class BlockingEngine(ExtractiveEngine):
 
 
 def test_closing_the_continuous_scheduler_waits_only_briefly_for_a_step_that_is_not_yet_hung():
-    from processor.generation import CLOSE_WAIT_S
+    from processor.continuous_scheduler import CLOSE_WAIT_S
 
     engine = BlockingEngine()
     feed = ContinuousFeed(engine, budget=None, max_new_tokens=1536)

@@ -11,14 +11,8 @@ import pytest
 from processor.engines import attach_metrics, create_engine
 from processor.engines.base import Engine, EngineStartupError, EventGenerationError, Generation, StreamingEngine
 from processor.engines.isolation import FailurePolicy
-from processor.engines.openai_engine import (
-    EstimateTokenizer,
-    OpenAIEngine,
-    PromptRejectedError,
-    ServerTokenizer,
-    ServerUnavailableError,
-    retry_after_s,
-)
+from processor.engines.openai_engine import OpenAIEngine, PromptRejectedError, ServerUnavailableError, retry_after_s
+from processor.engines.openai_tokenizers import EstimateTokenizer, ServerTokenizer
 from processor.errors import EXIT_CONFIG, EXIT_ENGINE_FAILED, EngineUnavailableError
 from processor.events import validate_event
 from processor.metrics import Metrics

@@ -21,7 +21,6 @@ from processor.engines.hf_tokenizer import HFChatTokenizer
 from processor.errors import RecordError
 from processor.events import SearchEvent, validate_event
 from processor.prompt import (
-    FORMAT_CHARS,
     MAX_MEASUREMENTS,
     MAX_RESULTS_PER_EVENT,
     MAX_TITLE_CHARS,
@@ -30,8 +29,8 @@ from processor.prompt import (
     PromptBuilder,
     PromptTooLongError,
     detect_language,
-    language_tag,
 )
+from processor.prompt_text import FORMAT_CHARS, language_tag
 from tests.helpers import make_event
 
 MAX_EVENT_BYTES = 4 * 1024 * 1024

@@ -133,3 +133,25 @@ def test_the_worker_holds_no_generation_mode_or_guarantee_branch():
     names = {n.id for t in tests for n in ast.walk(t) if isinstance(n, ast.Name)}
     names |= {n.attr for t in tests for n in ast.walk(t) if isinstance(n, ast.Attribute)}
     assert not names & {"GenerationMode", "ProcessingGuarantee", "generation_mode", "processing_guarantee", "continuous", "transactional"}
+
+
+MAX_MODULE_LINES = 400
+MAX_CLASS_LINES = 250
+
+
+def test_no_module_is_longer_than_400_lines_nor_any_class_than_250():
+    """Issue 17's size measures (`wc -l` of each module under processor/, a class from its first decorator to its
+    last line): past them a module or class holds more than one concern, and is split by moving code, not squeezing it."""
+    too_long = []
+    for name, path in sorted(module_names().items()):
+        text = path.read_text()
+        lines = text.count("\n")
+        if lines > MAX_MODULE_LINES:
+            too_long.append(f"module {name}: {lines} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                length = (node.end_lineno or node.lineno) - first + 1
+                if length > MAX_CLASS_LINES:
+                    too_long.append(f"class {name}.{node.name}: {length} lines")
+    assert not too_long, too_long

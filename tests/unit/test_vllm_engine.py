@@ -126,7 +126,7 @@ from types import SimpleNamespace  # noqa: E402
 
 from processor.continuous import ContinuousFeed  # noqa: E402
 from processor.engines.base import EventGenerationError, InFlightBudget, StreamingEngine  # noqa: E402
-from processor.engines import vllm_engine  # noqa: E402
+from processor.engines import vllm_version  # noqa: E402
 
 
 def many_prompts(engine, count):
@@ -339,24 +339,24 @@ def test_the_feed_with_vllm_bisects_a_crash_through_run_exclusive(fake_vllm, tin
 def test_vllm_use_v1_is_set_for_0_6_3_and_dropped_with_a_warning_where_v1_is_the_only_engine(monkeypatch, caplog):
     monkeypatch.setenv("VLLM_USE_V1", "0")
     settings = load_settings(engine="vllm")
-    vllm_engine.configure_engine_selection(settings, (0, 6, 3))
-    assert vllm_engine.os.environ["VLLM_USE_V1"] == "0"
-    vllm_engine.configure_engine_selection(settings, None)  # unknown version (a double on sys.path): as 0.6.3
-    assert vllm_engine.os.environ["VLLM_USE_V1"] == "0"
-    caplog.set_level(logging.WARNING, logger="processor.engines.vllm_engine")
-    vllm_engine.configure_engine_selection(settings, (0, 24, 0))
-    assert "VLLM_USE_V1" not in vllm_engine.os.environ, "unknown to vLLM 0.24, which would warn about it"
+    vllm_version.configure_engine_selection(settings, (0, 6, 3))
+    assert vllm_version.os.environ["VLLM_USE_V1"] == "0"
+    vllm_version.configure_engine_selection(settings, None)  # unknown version (a double on sys.path): as 0.6.3
+    assert vllm_version.os.environ["VLLM_USE_V1"] == "0"
+    caplog.set_level(logging.WARNING, logger="processor.engines.vllm_version")
+    vllm_version.configure_engine_selection(settings, (0, 24, 0))
+    assert "VLLM_USE_V1" not in vllm_version.os.environ, "unknown to vLLM 0.24, which would warn about it"
     assert "VLLM_USE_V1=0 is ignored: vLLM 0.24.0 has only the V1 engine" in caplog.text
     caplog.clear()
     monkeypatch.delenv("VLLM_USE_V1", raising=False)
-    vllm_engine.configure_engine_selection(load_settings(engine="vllm"), (0, 24, 0))
-    assert "VLLM_USE_V1" not in vllm_engine.os.environ and caplog.text == "", "nothing asked for V0: no warning"
+    vllm_version.configure_engine_selection(load_settings(engine="vllm"), (0, 24, 0))
+    assert "VLLM_USE_V1" not in vllm_version.os.environ and caplog.text == "", "nothing asked for V0: no warning"
 
 
 @pytest.mark.parametrize("text, parsed", [("0.6.3", (0, 6, 3)), ("0.24.0", (0, 24, 0)), ("0.11.0rc1", (0, 11, 0)), ("0.6.3.post1+cu124", (0, 6, 3))])
 def test_the_installed_vllm_version_is_read_without_importing_it(monkeypatch, text, parsed):
-    monkeypatch.setattr(vllm_engine.metadata, "version", lambda name: text)
-    assert vllm_engine.installed_vllm_version() == parsed
+    monkeypatch.setattr(vllm_version.metadata, "version", lambda name: text)
+    assert vllm_version.installed_vllm_version() == parsed
     monkeypatch.delitem(sys.modules, "vllm", raising=False)
-    vllm_engine.installed_vllm_version()
+    vllm_version.installed_vllm_version()
     assert "vllm" not in sys.modules
