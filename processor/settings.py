@@ -130,6 +130,10 @@ class Settings(BaseSettings):
     vllm_tensor_parallel_size: int = Field(1, ge=1)
     vllm_max_num_seqs: int = Field(256, ge=1)
     vllm_enable_prefix_caching: bool = False
+    vllm_load_format: str = Field(
+        "auto", min_length=1, description="vLLM's load_format; dummy: random weights from the model's config alone "
+        "(throughput and capacity checks with no weights downloaded)",
+    )
     seed: int = Field(0, validation_alias=AliasChoices("vllm_seed", "seed"))
     transformers_model: str | None = Field(None, description="model path or name for ENGINE=transformers; VLLM_MODEL when unset")
     transformers_device: str = Field("auto", description="auto, cpu, cuda, cuda:N")

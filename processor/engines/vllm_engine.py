@@ -82,6 +82,7 @@ def llm_kwargs(settings: Settings) -> dict[str, Any]:
         "max_num_seqs": settings.vllm_max_num_seqs,
         # Explicit in both versions: the default is off in 0.6.3 and on in V1.
         "enable_prefix_caching": settings.vllm_enable_prefix_caching,
+        "load_format": settings.vllm_load_format,
         "seed": settings.seed,
     }
 

@@ -42,9 +42,16 @@ def test_llm_is_built_exactly_as_the_adr_says(fake_vllm, tiny_model_dir):
         "tensor_parallel_size": 1,
         "max_num_seqs": 256,
         "enable_prefix_caching": False,
+        "load_format": "auto",
         "seed": 0,
     }
     assert llm_kwargs(load_settings(vllm_quantization=""))["quantization"] is None  # lets vLLM pick awq_marlin
+
+
+def test_vllm_load_format_reaches_the_llm_constructor(fake_vllm, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("VLLM_LOAD_FORMAT", "dummy")
+    engine = VllmEngine.from_settings(vllm_settings(tiny_model_dir))
+    assert engine.llm.init_args["load_format"] == "dummy"
 
 
 def prompts(engine, events, max_model_len=6144, max_tokens=1536):

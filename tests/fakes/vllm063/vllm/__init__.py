@@ -1,7 +1,8 @@
 """A test double of vllm==0.6.3's offline API, written from its documented shapes (not its code).
 
 What it reproduces, because the engine depends on it:
-* `LLM(model, ..., quantization=None, seed=0, gpu_memory_utilization=0.9, **kwargs)`; max_model_len etc. via kwargs.
+* `LLM(model, ..., quantization=None, seed=0, gpu_memory_utilization=0.9, **kwargs)`; max_model_len etc. via kwargs,
+  among them EngineArgs' `load_format` (LoadFormat's values; "dummy" makes random weights from the config alone).
 * `LLM.generate(prompts, sampling_params, use_tqdm=True)`: prompts are TokensPrompt dicts; a bare list of token-id
   lists raises TypeError; an empty prompt raises ValueError("Prompt cannot be empty"); a list of SamplingParams
   must match the prompts' length; the SamplingParams passed in is mutated (output_kind); outputs come back in
@@ -53,6 +54,10 @@ class RequestOutputKind(Enum):  # vllm.sampling_params.RequestOutputKind
 
 
 # SamplingParams' other fields in 0.6.3 (a msgspec.Struct: any other keyword is a TypeError there, and here).
+# vllm/config.py LoadFormat in 0.6.3; EngineArgs turns the string into it and refuses any other.
+_LOAD_FORMATS = frozenset({
+    "auto", "pt", "safetensors", "npcache", "dummy", "tensorizer", "sharded_state", "gguf", "bitsandbytes", "mistral",
+})
 _OTHER_SAMPLING_FIELDS = frozenset({
     "best_of", "min_p", "stop", "stop_token_ids", "include_stop_str_in_output", "logprobs", "prompt_logprobs",
     "detokenize", "skip_special_tokens", "spaces_between_special_tokens", "logits_processors", "output_kind",
@@ -106,6 +111,8 @@ class LLM:
                  enforce_eager: Optional[bool] = None, max_seq_len_to_capture: int = 8192, **kwargs: Any) -> None:
         if FAIL_START_WITH is not None:
             raise FAIL_START_WITH
+        if kwargs.get("load_format", "auto") not in _LOAD_FORMATS:
+            raise ValueError(f"{kwargs['load_format']!r} is not a valid LoadFormat")
         from transformers import AutoTokenizer
 
         self.init_args = {"model": model, "quantization": quantization, "seed": seed, "tensor_parallel_size": tensor_parallel_size,
