@@ -165,20 +165,27 @@ def test_a_worker_stopped_during_its_group_join_leaves_the_group_usable(broker, 
             seen += line
         assert "assigned" not in seen
         time.sleep(1.0)
+        stopped = time.monotonic()
         worker.send_signal(signal.SIGINT)
-        assert worker.wait(40) == 0
+        # Stop means stop: a few seconds for the join to finish, then leave (LeaveGroup may wait up to 5 s behind the
+        # pending JoinGroup in librdkafka).
+        assert worker.wait(15) == 0
+        assert time.monotonic() - stopped < 12
     finally:
         if worker.poll() is None:
             worker.kill()
             worker.wait(10)
 
+    if broker.is_tansu:
+        pytest.skip("the embedded Tansu broker keeps a group whose member left mid-join unusable for minutes "
+                    "(../shared/kafka-broker-here.md); on Apache Kafka the next member gets partitions after the session")
     assigned = []
     successor = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": topics["group"], **FAST_GROUP})
     try:
         successor.subscribe([topics["input"]], on_assign=lambda _c, partitions: assigned.extend(partitions))
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # the departed member's session (45 s) at most
         while not assigned and time.monotonic() < deadline:
             successor.poll(0.2)
     finally:
         successor.close()
-    assert assigned, "the next member of the group got no partitions within 30 s"
+    assert assigned, "the next member of the group got no partitions within 60 s"
