@@ -3,7 +3,9 @@ SIM_FAULTS_OFF (fault classes to leave out, comma-separated), SIM_FAULTS_ONLY (t
 
 from __future__ import annotations
 
+import logging
 import os
+from typing import Iterator
 
 import pytest
 
@@ -20,7 +22,8 @@ def sim_seeds() -> list[int]:
     return list(range(start, start + int(os.environ.get("SIM_EXAMPLES", DEFAULT_EXAMPLES))))
 
 
-@pytest.fixture(scope="session")
-def sim_enabled() -> frozenset[str]:
-    quiet_logs()
-    return enabled_kinds(os.environ.get("SIM_FAULTS_OFF"), os.environ.get("SIM_FAULTS_ONLY"))
+@pytest.fixture(scope="package")
+def sim_enabled() -> Iterator[frozenset[str]]:
+    previous = quiet_logs()
+    yield enabled_kinds(os.environ.get("SIM_FAULTS_OFF"), os.environ.get("SIM_FAULTS_ONLY"))
+    logging.getLogger("processor").setLevel(previous)  # the suites after this one assert on the worker's log

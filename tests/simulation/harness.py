@@ -912,6 +912,10 @@ def report(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
-def quiet_logs() -> None:
-    """The worker logs every injected fault; the simulation reports violations instead."""
-    logging.getLogger("processor").setLevel(logging.CRITICAL)
+def quiet_logs() -> int:
+    """The worker logs every injected fault; the simulation reports violations instead. Returns the level it
+    replaced, for a caller that restores it (tests that run after the simulation assert on the worker's log)."""
+    logger = logging.getLogger("processor")
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL)
+    return previous
