@@ -15,10 +15,16 @@ from the error's class, never from input data.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
-if TYPE_CHECKING:
-    from processor.source import SourceRecord
+
+class RecordOrigin(Protocol):
+    """Where a bad record came from (processor.source.SourceRecord is one): this module imports nothing of the
+    processor, so every other module can import it without closing a cycle."""
+
+    topic: str
+    partition: int
+    offset: int
 
 # Process exit codes (README "Exit codes").
 EXIT_OK = 0
@@ -39,13 +45,13 @@ class ProcessorError(Exception):
 class RecordError(ProcessorError):
     """This input record is bad: dead-letter it and commit past it."""
 
-    source: "SourceRecord | None" = None
+    source: RecordOrigin | None = None
 
     @property
     def reason(self) -> str:
         return type(self).__name__
 
-    def with_source(self, source: "SourceRecord") -> "RecordError":
+    def with_source(self, source: RecordOrigin) -> "RecordError":
         self.source = source
         return self
 
