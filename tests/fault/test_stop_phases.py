@@ -75,7 +75,8 @@ def start(processes: list[Process], tmp_path: Path, args: list[str], env: dict[s
 def test_a_signal_during_the_model_load_exits_0_within_seconds(processes, tmp_path, tiny_model_dir):
     worker = start(processes, tmp_path, ["-m", "processor", "run"], {
         "ENGINE": "transformers", "TRANSFORMERS_MODEL": str(tiny_model_dir), "VLLM_MAX_MODEL_LEN": "2048",
-        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"})
+        # The Transformers engine runs micro-batches only; the continuous CI pass must not make this a config error.
+        "GENERATION_MODE": "micro_batch", "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"})
     worker.wait_for("loading the engine")
     time.sleep(0.2)  # inside the load (importing torch alone takes seconds)
     code, seconds = worker.stop(signal.SIGINT)
