@@ -181,6 +181,18 @@ class FakeOpenAIServer:
             reply = self.queue.popleft() if self.queue else None
             self.current += 1
             self.max_concurrent = max(self.max_concurrent, self.current)
+        answered = False
+
+        def answer() -> None:
+            # A request stops counting as held once its answer is about to go out: the client may send the next
+            # request the moment it has read it, before this handler's thread has returned.
+            nonlocal answered
+            if not answered:
+                answered = True
+                with self._lock:
+                    self.current -= 1
+                    seen.finished = time.monotonic()
+
         try:
             reply = reply or self.respond(body)
             if reply.delay_s:
@@ -191,6 +203,7 @@ class FakeOpenAIServer:
                 return
             seen.status = reply.status
             if reply.status >= 400:
+                answer()
                 handler._json(reply.status, {"object": "error", "message": reply.error or f"status {reply.status}",
                                              "type": "BadRequestError", "code": reply.status}, reply.headers)
                 return
@@ -205,8 +218,7 @@ class FakeOpenAIServer:
                 counted = chat_tokens(body.get("messages", [])) if reply.prompt_tokens is None else reply.prompt_tokens
                 payload["usage"] = {"prompt_tokens": counted,
                                     "completion_tokens": count_tokens(text), "total_tokens": 0}
+            answer()
             handler._json(200, payload, reply.headers)
         finally:
-            with self._lock:
-                self.current -= 1
-                seen.finished = time.monotonic()
+            answer()
