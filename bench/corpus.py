@@ -114,6 +114,10 @@ def _module_docs(name: str) -> list[Doc]:
         else:
             docs.append(Doc(qualified, "function", qualified, name, f"{qualified}{_signature(node)} — {name} documentation",
                             f"{page}#{qualified}", _clean(doc)))
+    if docs and docs[0].kind == "module":
+        # A library page holds the module's text and then every documented name's, as docs.python.org's pages do.
+        page_text = " ".join([docs[0].text, *(f"{d.title.split(' — ')[0]}: {d.text}" for d in docs[2:])])
+        docs[0] = Doc(docs[0].key, "module", name, name, docs[0].title, page, page_text)
     return docs
 
 
@@ -137,7 +141,7 @@ def _snippet(text: str) -> str:
 def _content(text: str, rng: random.Random) -> str | None:
     if rng.random() < 0.25:
         return None  # many search results come with a snippet only
-    limit = rng.choice((600, 1200, 2500, 5000))
+    limit = rng.choice((600, 1200, 2500, 5000, 12000, 10**6))  # the last: the whole page, as a scraper keeps it
     if len(text) <= limit:
         return text
     ends = [m.start() for m in _SENTENCE_END.finditer(text, 0, limit)]
