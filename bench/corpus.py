@@ -101,7 +101,8 @@ def _module_docs(name: str) -> list[Doc]:
     if doc and len(doc) >= MIN_RESULT_CHARS:
         first = _clean(doc).split(". ")[0][:80]
         docs.append(Doc(f"module:{name}", "module", name, name, f"{name} — {first}", page, _clean(doc)))
-        docs.append(Doc(f"source:{name}", "source", name, name, f"cpython/Lib/{name} at main · python/cpython", source, _clean(doc)))
+        docs.append(Doc(f"source:{name}", "source", name, name, f"cpython/Lib/{name} at main · python/cpython", source,
+                        _clean(doc)))
     for node in tree.body:
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or node.name.startswith("_"):
             continue
@@ -110,7 +111,8 @@ def _module_docs(name: str) -> list[Doc]:
             continue
         qualified = f"{name}.{node.name}"
         if isinstance(node, ast.ClassDef):
-            docs.append(Doc(qualified, "class", qualified, name, f"class {qualified} — {name} documentation", f"{page}#{qualified}", _clean(doc)))
+            docs.append(Doc(qualified, "class", qualified, name, f"class {qualified} — {name} documentation",
+                            f"{page}#{qualified}", _clean(doc)))
         else:
             docs.append(Doc(qualified, "function", qualified, name, f"{qualified}{_signature(node)} — {name} documentation",
                             f"{page}#{qualified}", _clean(doc)))

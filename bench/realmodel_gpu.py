@@ -113,7 +113,8 @@ class ClockedMetrics(Metrics):
         super().consumed(tp)
 
 
-def run_processor(engine: Any, settings_overrides: dict[str, Any], events: list[dict[str, Any]], limit_s: float) -> dict[str, Any]:
+def run_processor(engine: Any, settings_overrides: dict[str, Any], events: list[dict[str, Any]],
+                  limit_s: float) -> dict[str, Any]:
     """The full processor on `events` (embedded broker, fresh topics), then its summaries read back and scored."""
     from processor.loop import Worker
     from processor.ops.broker import EmbeddedBroker, ensure_topics
@@ -139,7 +140,8 @@ def run_processor(engine: Any, settings_overrides: dict[str, Any], events: list[
         committed = worker.records_committed
         dead = {s.labels["reason"]: int(s.value) for s in metrics.dead_letters.collect()[0].samples if s.name.endswith("_total")}
         # Every committed event is a summary or a dead letter: stop reading at the last summary, not after idling.
-        summaries = list(read_topic(conf, topics["out"], max_records=max(1, len(events) - sum(dead.values())), idle_timeout_s=5.0))
+        expected = max(1, len(events) - sum(dead.values()))
+        summaries = list(read_topic(conf, topics["out"], max_records=expected, idle_timeout_s=5.0))
     seconds = ended - (metrics.first_consumed or started)
     shares = quality_shares(summaries)
     return {
@@ -216,7 +218,8 @@ def plot(result: dict[str, Any], path: Path) -> str:
     left.set_ylim(0, 1.2)  # room for the legend above a share of 1
     left.set_ylabel("share of summaries (grounded: median share)")
     left.legend(fontsize=7, ncol=4, loc="upper center")
-    left.set_title(f"quality shares, {result['events']} real-text events, temperature 0.7, top_p 0.9, max_tokens {result['max_tokens']}")
+    left.set_title(f"quality shares, {result['events']} real-text events, temperature 0.7, top_p 0.9, "
+                   f"max_tokens {result['max_tokens']}")
     p50 = [r["quality"]["completion_tokens"]["p50"] for r in runs]
     p90 = [r["quality"]["completion_tokens"]["p90"] for r in runs]
     right.bar([x - 0.2 for x in range(len(runs))], p50, 0.4, label="p50")
@@ -247,9 +250,11 @@ def main() -> int:
     parser.add_argument("--fake", action="store_true", help="vLLM 0.6.3's test double on the CPU (a smoke run)")
     parser.add_argument("--fake-blocks", type=int, default=4000)
     parser.add_argument("--fake-loop", action="store_true",
-                        help="with --fake: continuous-mode requests loop (\"No. No. …\") to max_tokens, so the guard and the abort act")
+                        help="with --fake: continuous-mode requests loop (\"No. No. …\") to max_tokens, so the guard and "
+                             "the abort act")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--plot", metavar="JSON", help="only draw the PNG of a results file (next to it), e.g. on a box with matplotlib")
+    parser.add_argument("--plot", metavar="JSON",
+                        help="only draw the PNG of a results file (next to it), e.g. on a box with matplotlib")
     args = parser.parse_args()
     if args.plot:
         print(plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png")))
