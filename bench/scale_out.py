@@ -148,7 +148,8 @@ class Run:
         log_dir = log_dir / suffix
         log_dir.mkdir(parents=True)
         gpus = args.gpus or workers
-        self.workers = [WorkerProcess(i, {**env, "CUDA_VISIBLE_DEVICES": str(i % gpus)}, log_dir, self.topic) for i in range(workers)]
+        self.workers = [WorkerProcess(i, {**env, "CUDA_VISIBLE_DEVICES": str(i % gpus)}, log_dir, self.topic)
+                        for i in range(workers)]
         self.ends: dict[int, int] = {}
 
     def wait_stable(self) -> None:
@@ -187,7 +188,8 @@ class Run:
         return [w.stop() for w in self.workers]
 
 
-def throughput(args: argparse.Namespace, bootstrap: str, workers: int, events: list[dict[str, Any]], log_dir: Path) -> dict[str, Any]:
+def throughput(args: argparse.Namespace, bootstrap: str, workers: int, events: list[dict[str, Any]],
+               log_dir: Path) -> dict[str, Any]:
     run = Run(args, bootstrap, workers, log_dir)
     try:
         run.wait_stable()
@@ -198,7 +200,8 @@ def throughput(args: argparse.Namespace, bootstrap: str, workers: int, events: l
     summaries = run.summaries()
     seconds = max(map(processed_at, summaries)) - started
     counts = Counter(s["event_id"] for s in summaries)
-    row = {"workers": workers, "events": len(events), "seconds": round(seconds, 2), "events_per_s": round(len(events) / seconds, 1),
+    row = {"workers": workers, "events": len(events), "seconds": round(seconds, 2),
+           "events_per_s": round(len(events) / seconds, 1),
            "lost": len(events) - len(counts), "duplicates": sum(counts.values()) - len(counts), "exit_codes": codes}
     print(f"  {workers} worker(s): {row['events_per_s']} events/s ({row['seconds']} s), lost {row['lost']}, "
           f"duplicates {row['duplicates']}", flush=True)
@@ -279,7 +282,8 @@ def main() -> int:
         "engine": args.engine, "mode": args.mode, "workers": args.workers, "events": args.events,
         "partitions": args.partitions, "batch_max_records": args.batch,
         "speedup": round(many["events_per_s"] / one["events_per_s"], 3), "one_worker": one, "n_workers": many, "kill": kill,
-        "host": {"machine": platform.node(), "cpus": os.cpu_count(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "host": {"machine": platform.node(), "cpus": os.cpu_count(),
+                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                  "gpus": gpu_names()},
         "broker": "embedded (Tansu)" if not args.bootstrap else args.bootstrap,
         "note": (f"ENGINE={args.engine} on {len(gpu_names())} GPU(s), one per worker (CUDA_VISIBLE_DEVICES)" if gpu_names() else
@@ -293,14 +297,16 @@ def main() -> int:
     print(f"written: {out}")
     print(json.dumps({k: result[k] for k in ("engine", "mode", "workers", "events", "speedup")}
                      | {"events_per_s_1": one["events_per_s"], f"events_per_s_{args.workers}": many["events_per_s"],
-                        "kill_lost": kill["lost"], "kill_duplicates": kill["duplicates"], "kill_duplicates_bound": kill["duplicates_bound"],
+                        "kill_lost": kill["lost"], "kill_duplicates": kill["duplicates"],
+                        "kill_duplicates_bound": kill["duplicates_bound"],
                         "kill_recovery_s": kill["seconds_kill_to_first_summary_of_its_partitions"]}))
     return 0 if kill["lost"] == 0 and kill["duplicates"] <= kill["duplicates_bound"] else 1
 
 
 def gpu_names() -> list[str]:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=20)
         return [line.strip() for line in out.stdout.splitlines() if line.strip()]
     except (OSError, subprocess.SubprocessError):
         return []
