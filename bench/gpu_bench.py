@@ -502,10 +502,26 @@ def calibrate(engine: Any, mode: str, events: list[dict[str, Any]], settings: An
             "completion_tokens": tokens}
 
 
+# A pair's wall time beyond its two timed runs: the worker's start, its group join (~3 s on the embedded broker with
+# FAST_GROUP), producing the events, its stop.
+PAIR_OVERHEAD_S = 4.0
+
+
 def events_per_run(rate: float, pair_seconds: float, batch: int, cap: int) -> int:
-    """Events for one run of a pair (a pair is two runs plus the worker's start and join): whole batches, at least one."""
-    wanted = int(rate * pair_seconds / 2.3)
+    """Events for one run of a pair (two runs plus PAIR_OVERHEAD_S), in whole batches, at least one batch."""
+    wanted = int(rate * max(0.0, pair_seconds - PAIR_OVERHEAD_S) / 2.1)
     return max(batch, min(cap, wanted) // batch * batch) if cap >= batch else cap
+
+
+# Time a mode needs left to be worth starting: its calibration (two batches alone) and one short pair.
+CALIBRATION_MIN_S = 15.0
+
+
+def pair_seconds_for(wanted: float, seconds_left: float | None, pairs: int) -> float:
+    """`wanted`, or less when that many pairs would not fit in the time left (a tenth kept for the drift)."""
+    if seconds_left is None or pairs <= 0:
+        return wanted
+    return max(PAIR_OVERHEAD_S + 1.0, min(wanted, 0.9 * seconds_left / pairs))
 
 
 def pair_row(run: dict[str, Any], wall: float) -> dict[str, Any]:
@@ -571,16 +587,23 @@ def run_pairs(engine: Any, args: argparse.Namespace, modes: list[str], overrides
             blocks[mode] = block
             if args.pair_seconds:
                 cal_events = renamed(pool[: min(len(pool), 2 * batch)], f"cal-{mode}")
-                if late(len(cal_events) / 2.0):
+                if late(CALIBRATION_MIN_S):
                     print(f"    {mode}: no time left to calibrate; skipped", flush=True)
                     block["events_per_run"] = 0
                     continue
                 block["calibration"] = calibrate(engine, mode, cal_events, settings, batch)
+        if args.pair_seconds:  # every mode's pairs fitted in the time left, at most --pair-seconds each
+            calibrated = [b for b in blocks.values() if "calibration" in b]
+            left = args.stop_at - time.time() if args.stop_at else None
+            pair_seconds = pair_seconds_for(args.pair_seconds, left, args.repeats * len(calibrated))
+            for mode, block in blocks.items():
+                if "calibration" not in block:
+                    continue
                 rate = block["calibration"]["events_per_s"]
-                block["events_per_run"] = events_per_run(rate, args.pair_seconds, batch, len(pool))
-                block["estimated_pair_seconds"] = round(2.3 * block["events_per_run"] / rate, 1)
-                print(f"    {mode}: engine alone {rate:.2f} events/s on {len(cal_events)} events → {block['events_per_run']} "
-                      f"events per run (a pair ≈ {block['estimated_pair_seconds']} s)", flush=True)
+                block["events_per_run"] = events_per_run(rate, pair_seconds, batch, len(pool))
+                block["estimated_pair_seconds"] = round(PAIR_OVERHEAD_S + 2.1 * block["events_per_run"] / rate, 1)
+                print(f"    {mode}: engine alone {rate:.2f} events/s on {block['calibration']['events']} events → "
+                      f"{block['events_per_run']} events per run (a pair ≈ {block['estimated_pair_seconds']} s)", flush=True)
         for repetition in range(args.repeats):
             for mode in modes:
                 block = blocks[mode]
