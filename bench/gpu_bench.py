@@ -561,13 +561,18 @@ TABLE_HEADER = ("| model | mode | pairs × events | processor / engine alone: me
 
 
 def table_line(label: str, mode: str, block: dict[str, Any]) -> str:
-    m, rows = block["median"], block["pairs"]
+    m, rows = block.get("median") or {}, block["pairs"]
     if not rows:
         return f"| {label} | {mode} | 0 | skipped | | | | | | |"
-    return (f"| {label} | {mode} | {len(rows)} × {block['events_per_run']} | **{m['ratio']:.3f}** "
-            f"({', '.join(format(r['ratio'], '.3f') for r in rows)}) | {m['tokens_per_s_ratio']} | {m['engine_steps_ratio']} | "
-            f"{m['cpu_s']} vs {m['cpu_s_alone']} | {m['events_per_s']} / {m['events_per_s_alone']} | "
-            f"{m['tokens_per_s']} / {m['tokens_per_s_alone']} | {m['summaries_per_hour']:,.0f} |")
+
+    def fixed(value: float | None, digits: int) -> str:
+        return "—" if value is None else f"{value:,.{digits}f}"
+
+    return (f"| {label} | {mode} | {len(rows)} × {block['events_per_run']} | **{fixed(m['ratio'], 3)}** "
+            f"({', '.join(fixed(r['ratio'], 3) for r in rows)}) | {fixed(m['tokens_per_s_ratio'], 3)} | "
+            f"{fixed(m['engine_steps_ratio'], 3)} | {fixed(m['cpu_s'], 1)} vs {fixed(m['cpu_s_alone'], 1)} | "
+            f"{fixed(m['events_per_s'], 2)} / {fixed(m['events_per_s_alone'], 2)} | "
+            f"{fixed(m['tokens_per_s'], 0)} / {fixed(m['tokens_per_s_alone'], 0)} | {fixed(m['summaries_per_hour'], 0)} |")
 
 
 def run_pairs(engine: Any, args: argparse.Namespace, modes: list[str], overrides: dict[str, Any], pool: list[dict[str, Any]],
