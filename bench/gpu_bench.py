@@ -19,6 +19,21 @@ output length like real summaries (bench/vllm_modes.py: median 268, up to 1,536,
     python bench/vllm_modes.py build --model-dir /tmp/m     # random weights, full vocabulary (vLLM needs it)
     python bench/gpu_bench.py --engine vllm --model /tmp/m --mode continuous --skip-sweep --batch 64 --long-tail \
         --processor-events 1000 --repeats 3
+
+Pairs for both modes on one engine start (issue 22; bench/pairs_device.sh runs four models this way): --modes
+micro_batch,continuous measures each mode's engine alone on two batches first (a warm-up of that path too), sizes
+each run so that a pair takes about --pair-seconds (less when --repeats pairs of every mode would not end by
+--stop-at), then runs the pairs with the modes interleaved, on one embedded broker. Each pair reports the ratio,
+output tokens/s of both runs and their ratio (sampled lengths differ between the runs of a real model), the
+engine's steps alone / in the processor (micro-batch too: vLLM's steps under generate()), the process's CPU
+seconds in each run, and summaries per hour; the median of each, and one summary table line per mode (TABLE ...).
+--events-file reads JSON-lines events (bench/corpus.py); --load-format dummy with a `vllm_modes.py build-7b` folder
+runs the ADR's 7B shape with no weights; --batch 0 takes the window the KV cache holds.
+
+    python bench/gpu_bench.py --engine vllm --model DIR --skip-sweep --modes micro_batch,continuous --long-tail \
+        --repeats 5 --pair-seconds 25 --name pairs-qwen05b
+    python bench/gpu_bench.py --fake --skip-sweep --modes micro_batch,continuous --long-tail --batch 16 \
+        --processor-events 64 --repeats 2 --pair-seconds 10     # CPU smoke run on the vLLM 0.6.3 test double
 """
 
 from __future__ import annotations
@@ -781,7 +796,7 @@ def main() -> int:
         print(f"    KV cache {budget.kv_tokens:,} tokens, {cost} per request → batch / window {batch}", flush=True)
 
     label = args.label or (engine.model if args.model else "toy model on the vLLM test double" if args.fake
-                           else "random-weight Qwen2.5-0.5B architecture")
+                           else "toy random-weight model" if args.tiny else "random-weight Qwen2.5-0.5B architecture")
     name = args.name or (("gpu" if device != "cpu" else "gpu-harness-cpu-smoke") + ("" if args.engine == "transformers" else f"-{modes[0]}"))
     name += "-cpu-smoke" if args.name and device == "cpu" else ""
     name += f"-switch{args.switch_interval_ms:g}ms" if args.switch_interval_ms is not None else ""

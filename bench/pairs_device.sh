@@ -91,6 +91,12 @@ for m in "${MODELS[@]}"; do
     echo "| $(label_for "$m") | both | skipped: no time left | | | | | | | |" >> "$SUMMARY"
     continue
   fi
+  # The previous engine's memory must be back before vLLM measures what is free (its engine core exits after us).
+  for _ in $(seq 30); do
+    used=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -1 || true)
+    [ "${used:-0}" -lt 4000 ] && break
+    sleep 1
+  done
   stop_at=$((now + share))
   say "$m: starting, ${share}s for it (pairs end by +$((stop_at - T0))s)"
   set +e
