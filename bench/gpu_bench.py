@@ -520,11 +520,13 @@ def calibrate(engine: Any, mode: str, events: list[dict[str, Any]], settings: An
 # A pair's wall time beyond its two timed runs: the worker's start, its group join (~3 s on the embedded broker with
 # FAST_GROUP), producing the events, its stop.
 PAIR_OVERHEAD_S = 4.0
+# A pair's two runs in engine-alone run lengths: the alone run, and the processor's, longer by up to a quarter.
+RUNS_PER_PAIR = 2.25
 
 
 def events_per_run(rate: float, pair_seconds: float, batch: int, cap: int) -> int:
     """Events for one run of a pair (two runs plus PAIR_OVERHEAD_S), in whole batches, at least one batch."""
-    wanted = int(rate * max(0.0, pair_seconds - PAIR_OVERHEAD_S) / 2.1)
+    wanted = int(rate * max(0.0, pair_seconds - PAIR_OVERHEAD_S) / RUNS_PER_PAIR)
     return max(batch, min(cap, wanted) // batch * batch) if cap >= batch else cap
 
 
@@ -621,7 +623,7 @@ def run_pairs(engine: Any, args: argparse.Namespace, modes: list[str], overrides
                     continue
                 rate = block["calibration"]["events_per_s"]
                 block["events_per_run"] = events_per_run(rate, pair_seconds, batch, len(pool))
-                block["estimated_pair_seconds"] = round(PAIR_OVERHEAD_S + 2.1 * block["events_per_run"] / rate, 1)
+                block["estimated_pair_seconds"] = round(PAIR_OVERHEAD_S + RUNS_PER_PAIR * block["events_per_run"] / rate, 1)
                 print(f"    {mode}: engine alone {rate:.2f} events/s on {block['calibration']['events']} events → "
                       f"{block['events_per_run']} events per run (a pair ≈ {block['estimated_pair_seconds']} s)", flush=True)
         for repetition in range(args.repeats):

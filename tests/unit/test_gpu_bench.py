@@ -12,6 +12,7 @@ from typing import Any
 
 from bench.gpu_bench import (
     PAIR_OVERHEAD_S,
+    RUNS_PER_PAIR,
     StepCounter,
     events_from_file,
     events_per_run,
@@ -25,8 +26,8 @@ from tests.helpers import make_event
 
 
 def test_a_run_is_whole_batches_sized_to_half_a_pair_at_the_engine_alone_speed() -> None:
-    # 30 events/s, a 25 s pair: two runs of (25 - overhead) / 2.1 s each → 300 events, cut to whole batches of 64.
-    wanted = int(30 * (25 - PAIR_OVERHEAD_S) / 2.1)
+    # 30 events/s, a 25 s pair: (25 - overhead) / RUNS_PER_PAIR s of the engine alone → 280 events, whole batches of 64.
+    wanted = int(30 * (25 - PAIR_OVERHEAD_S) / RUNS_PER_PAIR)
     assert events_per_run(30.0, 25.0, 64, 1024) == wanted // 64 * 64 == 256
 
 
