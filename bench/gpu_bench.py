@@ -19,6 +19,21 @@ output length like real summaries (bench/vllm_modes.py: median 268, up to 1,536,
     python bench/vllm_modes.py build --model-dir /tmp/m     # random weights, full vocabulary (vLLM needs it)
     python bench/gpu_bench.py --engine vllm --model /tmp/m --mode continuous --skip-sweep --batch 64 --long-tail \
         --processor-events 1000 --repeats 3
+
+Pairs for both modes on one engine start (issue 22; bench/pairs_device.sh runs four models this way): --modes
+micro_batch,continuous measures each mode's engine alone on two batches first (a warm-up of that path too), sizes
+each run so that a pair takes about --pair-seconds (less when --repeats pairs of every mode would not end by
+--stop-at), then runs the pairs with the modes interleaved, on one embedded broker. Each pair reports the ratio,
+output tokens/s of both runs and their ratio (sampled lengths differ between the runs of a real model), the
+engine's steps alone / in the processor (micro-batch too: vLLM's steps under generate()), the process's CPU
+seconds in each run, and summaries per hour; the median of each, and one summary table line per mode (TABLE ...).
+--events-file reads JSON-lines events (bench/corpus.py); --load-format dummy with a `vllm_modes.py build-7b` folder
+runs the ADR's 7B shape with no weights; --batch 0 takes the window the KV cache holds.
+
+    python bench/gpu_bench.py --engine vllm --model DIR --skip-sweep --modes micro_batch,continuous --long-tail \
+        --repeats 5 --pair-seconds 25 --name pairs-qwen05b
+    python bench/gpu_bench.py --fake --skip-sweep --modes micro_batch,continuous --long-tail --batch 16 \
+        --processor-events 64 --repeats 2 --pair-seconds 10     # CPU smoke run on the vLLM 0.6.3 test double
 """
 
 from __future__ import annotations
@@ -35,7 +50,7 @@ import uuid
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -59,12 +74,14 @@ class RecordingEngine:
         self.inner = engine
         self.kind, self.model, self.tokenizer = engine.kind, engine.model, engine.tokenizer
         self.calls: list[tuple[list[Prompt], float, float]] = []
+        self.completion_tokens = 0  # of the benchmark's own events (not the worker's warm-up)
 
     def generate(self, prompts: Sequence[Prompt]) -> list[Any]:
         started = time.perf_counter()
         out = self.inner.generate(prompts)
         if not prompts[0].event.event_id.startswith("demo-"):  # not the worker's start-up warm-up call
             self.calls.append((list(prompts), started, time.perf_counter()))
+            self.completion_tokens += completion_tokens(out)
         return out
 
     def capacity(self) -> None:
@@ -88,18 +105,21 @@ class StreamingRecordingEngine(RecordingEngine):
         self.added: list[Prompt] = []
         self.steps: list[tuple[float, float, int]] = []
         self.live: set[str] = set()
+        self.ours: set[str] = set()  # request ids of the benchmark's own events
 
     def add_request(self, request_id: str, prompt: Prompt) -> None:
         self.inner.add_request(request_id, prompt)
         self.live.add(request_id)
         if not prompt.event.event_id.startswith("demo-"):
             self.added.append(prompt)
+            self.ours.add(request_id)
 
     def step(self) -> list[Any]:
         started = time.perf_counter()
         finished = self.inner.step()
         self.steps.append((started, time.perf_counter(), len(self.live)))
         self.live.difference_update(f.request_id for f in finished)
+        self.completion_tokens += completion_tokens(f.outcome for f in finished if f.request_id in self.ours)
         return finished
 
     def abort(self, request_ids: Any) -> None:
@@ -112,6 +132,34 @@ class StreamingRecordingEngine(RecordingEngine):
 
     def in_flight_budget(self) -> Any:
         return self.inner.in_flight_budget()
+
+
+def completion_tokens(outcomes: Any) -> int:
+    return sum(o.completion_tokens for o in outcomes if isinstance(o, Generation))
+
+
+class StepCounter:
+    """Every step of vLLM's engine under `LLM` (generate() steps it too), with its start and end: the engine's
+    work in micro-batch mode, where the processor calls generate(). Wraps the instance attribute, as
+    vllm_modes.StepProbe does; nothing for an engine without `llm.llm_engine` (Transformers)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.steps: list[tuple[float, float]] = []
+        llm_engine = getattr(getattr(engine, "llm", None), "llm_engine", None)
+        if llm_engine is None:
+            return
+        step = llm_engine.step
+
+        def counted() -> Any:
+            started = time.perf_counter()
+            outputs = step()
+            self.steps.append((started, time.perf_counter()))
+            return outputs
+
+        llm_engine.step = counted
+
+    def between(self, start: float, end: float) -> int:
+        return sum(1 for s, e in self.steps if s >= start and e <= end)
 
 
 def idle_share(steps: list[tuple[float, float, int]], start: float, end: float) -> float:
@@ -224,24 +272,38 @@ def batch_sweep(engine: Any, prompts: list[Prompt], sizes: list[int], events_per
     return rows
 
 
+class Replay:
+    """The engine alone on the given batches, as the loop runs them: seconds from the first batch (after a
+    one-prompt warm-up, as the worker gives its generation thread), each batch's seconds, completion tokens."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.seconds = 0.0
+        self.durations: list[float] = []
+        self.tokens = 0
+
+
 def replay(engine: Any, batches: list[list[Prompt]], in_thread: bool) -> tuple[float, list[float]]:
     """The engine alone on the given batches: on this thread, or on a worker thread with this one waiting (as in the loop)."""
+    result = replay_batches(engine, batches, in_thread)
+    return result.seconds, result.durations
+
+
+def replay_batches(engine: Any, batches: list[list[Prompt]], in_thread: bool) -> Replay:
     import threading
 
-    durations: list[float] = []
+    result = Replay()
 
     def run() -> None:
-        engine.generate(batches[0][:1])  # the same one-prompt warm-up the worker gives its generation thread
+        engine.generate(batches[0][:1])
         synchronize()
-        nonlocal started
-        started = time.perf_counter()
+        result.started = time.perf_counter()
         for prompts in batches:
             call_started = time.perf_counter()
-            engine.generate(prompts)
+            result.tokens += completion_tokens(engine.generate(prompts))
             synchronize()
-            durations.append(time.perf_counter() - call_started)
+            result.durations.append(time.perf_counter() - call_started)
 
-    started = time.perf_counter()
     if in_thread:
         thread = threading.Thread(target=run)
         thread.start()
@@ -249,58 +311,90 @@ def replay(engine: Any, batches: list[list[Prompt]], in_thread: bool) -> tuple[f
             thread.join(0.05)
     else:
         run()
-    return time.perf_counter() - started, durations
+    result.seconds = time.perf_counter() - result.started
+    return result
+
+
+class Broker:
+    """One embedded broker for every pair of a process (its start-up is paid once), or a fresh one per call."""
+
+    def __init__(self, shared: EmbeddedBroker | None = None) -> None:
+        self.shared = shared
+
+    def __enter__(self) -> EmbeddedBroker:
+        self.own = None if self.shared is not None else EmbeddedBroker().__enter__()
+        return self.shared or self.own  # type: ignore[return-value]
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.own is not None:
+            self.own.__exit__(*exc)
+
+
+def run_worker(broker: EmbeddedBroker, engine: Any, settings_overrides: dict[str, Any], events: list[dict[str, Any]],
+               batch: int) -> tuple[Any, float, float, float, dict[str, int]]:
+    """The full processor on the events, on its own topics and group: (settings, first consume, end, process CPU
+    seconds, dead letters by reason)."""
+    run_id = uuid.uuid4().hex[:6]
+    topic, out_topic, dlq = f"gpu-in-{run_id}", f"gpu-out-{run_id}", f"gpu-dlq-{run_id}"
+    ensure_topics(broker.bootstrap, {topic: 4, out_topic: 4, dlq: 1})
+    produce_events({"bootstrap.servers": broker.bootstrap}, topic, events)
+    settings = load_settings(
+        kafka_bootstrap_servers=broker.bootstrap, kafka_input_topic=topic, kafka_output_topic=out_topic,
+        kafka_dlq_topic=dlq, kafka_group_id=f"gpu-bench-{run_id}", batch_max_records=batch, batch_max_wait_ms=2000,
+        batch_max_prompt_tokens=100_000_000, log_format="text", log_level="WARNING", **settings_overrides,
+    )
+    worker = Worker(settings, engine, consumer_overrides=FAST_GROUP)
+    first: list[float] = []  # the processor's clock starts at its first consumed record
+    original = worker.metrics.consumed
+
+    def consumed(tp: tuple[str, int]) -> None:
+        if not first:
+            first.append(time.perf_counter())
+        original(tp)
+
+    worker.metrics.consumed = consumed  # type: ignore[method-assign]
+    cpu_before = time.process_time()
+    worker.run(until=lambda: worker.records_committed >= len(events))
+    ended = time.perf_counter()
+    cpu = time.process_time() - cpu_before
+    dead = {s.labels["reason"]: int(s.value) for s in worker.metrics.dead_letters.collect()[0].samples
+            if s.name.endswith("_total") and s.value}
+    return settings, (first[0] if first else ended), ended, cpu, dead
 
 
 def processor_vs_engine(engine: Any, settings_overrides: dict[str, Any], events: list[dict[str, Any]], batch: int,
-                        also_main_thread: bool = True) -> dict[str, Any]:
+                        also_main_thread: bool = True, broker: EmbeddedBroker | None = None,
+                        counter: StepCounter | None = None) -> dict[str, Any]:
     """micro_batch: the engine alone replays the processor's batches on a thread (as the loop runs it) and, with
     `also_main_thread`, on the main thread too; the faster of the two is the engine's figure."""
     if settings_overrides.get("generation_mode") == "continuous":
-        return processor_vs_engine_continuous(engine, settings_overrides, events, batch)
+        return processor_vs_engine_continuous(engine, settings_overrides, events, batch, broker)
     recording = RecordingEngine(engine)
-    with EmbeddedBroker() as broker:
-        topic = f"gpu-in-{uuid.uuid4().hex[:6]}"
-        ensure_topics(broker.bootstrap, {topic: 4, "gpu-out": 4, "gpu-dlq": 1})
-        produce_events({"bootstrap.servers": broker.bootstrap}, topic, events)
-        settings = load_settings(
-            kafka_bootstrap_servers=broker.bootstrap, kafka_input_topic=topic, kafka_output_topic="gpu-out",
-            kafka_dlq_topic="gpu-dlq", kafka_group_id="gpu-bench", batch_max_records=batch, batch_max_wait_ms=2000,
-            batch_max_prompt_tokens=100_000_000, log_format="text", log_level="WARNING", **settings_overrides,
-        )
-        worker = Worker(settings, recording, consumer_overrides=FAST_GROUP)
-        first: list[float] = []
-        original = worker.metrics.consumed
-
-        def consumed(tp: tuple[str, int]) -> None:
-            if not first:
-                first.append(time.perf_counter())
-            original(tp)
-
-        worker.metrics.consumed = consumed  # type: ignore[method-assign]
-        cpu_before = time.process_time()
-        worker.run(until=lambda: worker.records_committed >= len(events))
-        processor_seconds = time.perf_counter() - first[0]
-        processor_cpu = time.process_time() - cpu_before
-        dead = {s.labels["reason"]: s.value for s in worker.metrics.dead_letters.collect()[0].samples if s.name.endswith("_total")}
-        # Random weights sample ids outside the small trained tokenizer, which decode to nothing: those events were
-        # generated like the rest and then dead-lettered as empty. Anything else means they never reached the engine.
+    with Broker(broker) as live:
+        _, started, ended, processor_cpu, dead = run_worker(live, recording, settings_overrides, events, batch)
+        processor_seconds = ended - started
+        # Random weights sample ids outside a small trained tokenizer, which decode to nothing: those events were
+        # generated like the rest and then dead-lettered as empty. Fewer generated means they never reached the engine.
         generated = sum(len(p) for p, _, _ in recording.calls)
-        if generated != len(events) or set(dead) - {"EmptySummaryError"}:
+        if generated != len(events):
             raise RuntimeError(f"only {generated} of {len(events)} events reached the engine; dead letters: {dead}")
         batches = [p for p, _, _ in recording.calls]
         # The engine alone on exactly the batches the processor formed, the broker still up: on a worker thread as
         # the loop runs it, and on the main thread.
         cpu_before = time.process_time()
-        thread_seconds, thread_durations = replay(engine, batches, in_thread=True)
+        alone = replay_batches(engine, batches, in_thread=True)
         replay_cpu = time.process_time() - cpu_before
+    thread_seconds, thread_durations = alone.seconds, alone.durations
     main_seconds, main_durations = replay(engine, batches, in_thread=False) if also_main_thread else (float("inf"), [])
     engine_seconds = min(thread_seconds, main_seconds)
     busy = sum(end - start for _, start, end in recording.calls)
     span = recording.calls[-1][2] - recording.calls[0][1]
+    steps = counter.between(recording.calls[0][1], recording.calls[-1][2]) if counter else 0
+    steps_alone = counter.between(alone.started, alone.started + alone.seconds) if counter else 0
     return {
+        "mode": "micro_batch",
         "events": len(events),
-        "dead_lettered_empty_after_generation": int(dead.get("EmptySummaryError", 0)),
+        "dead_letters": dead,
         "batches": [len(p) for p in batches],
         "processor_seconds": round(processor_seconds, 3),
         "engine_only_seconds": round(engine_seconds, 3),
@@ -311,42 +405,26 @@ def processor_vs_engine(engine: Any, settings_overrides: dict[str, Any], events:
         "generate_seconds_alone_main": [round(d, 3) for d in main_durations],
         "process_cpu_seconds_processor": round(processor_cpu, 2),
         "process_cpu_seconds_engine_alone_thread": round(replay_cpu, 2),
+        "process_cpu_seconds_engine_alone": round(replay_cpu, 2),
+        "completion_tokens": recording.completion_tokens,
+        "engine_only_completion_tokens": alone.tokens,
         "processor_events_per_s": round(len(events) / processor_seconds, 3),
         "engine_only_events_per_s": round(len(events) / engine_seconds, 3),
         "ratio": round(engine_seconds / processor_seconds, 4),
+        "steps": steps,
+        "steps_alone": steps_alone,
         "engine_idle_share": round(1 - busy / span, 4) if span > 0 else 0.0,
         "engine_idle_share_incl_first_fill_and_last_commit": round(1 - busy / processor_seconds, 4),
     }
 
 
-def processor_vs_engine_continuous(engine: Any, settings_overrides: dict[str, Any], events: list[dict[str, Any]], batch: int) -> dict[str, Any]:
+def processor_vs_engine_continuous(engine: Any, settings_overrides: dict[str, Any], events: list[dict[str, Any]], batch: int,
+                                   broker: EmbeddedBroker | None = None) -> dict[str, Any]:
     """(b, c) with GENERATION_MODE=continuous: the processor feeds the engine through its ContinuousFeed; the engine
     alone is a ContinuousFeed given the very same prompts at once."""
     recording = StreamingRecordingEngine(engine)
-    with EmbeddedBroker() as broker:
-        topic = f"gpu-in-{uuid.uuid4().hex[:6]}"
-        ensure_topics(broker.bootstrap, {topic: 4, "gpu-out": 4, "gpu-dlq": 1})
-        produce_events({"bootstrap.servers": broker.bootstrap}, topic, events)
-        settings = load_settings(
-            kafka_bootstrap_servers=broker.bootstrap, kafka_input_topic=topic, kafka_output_topic="gpu-out",
-            kafka_dlq_topic="gpu-dlq", kafka_group_id="gpu-bench", batch_max_records=batch, batch_max_wait_ms=2000,
-            batch_max_prompt_tokens=100_000_000, log_format="text", log_level="WARNING", **settings_overrides,
-        )
-        worker = Worker(settings, recording, consumer_overrides=FAST_GROUP)
-        first: list[float] = []  # the processor's clock starts at its first consumed record, as in micro_batch
-        original = worker.metrics.consumed
-
-        def consumed(tp: tuple[str, int]) -> None:
-            if not first:
-                first.append(time.perf_counter())
-            original(tp)
-
-        worker.metrics.consumed = consumed  # type: ignore[method-assign]
-        cpu_before = time.process_time()
-        worker.run(until=lambda: worker.records_committed >= len(events))
-        ended = time.perf_counter()
-        started = first[0] if first else ended
-        processor_cpu = time.process_time() - cpu_before
+    with Broker(broker) as live:
+        settings, started, ended, processor_cpu, dead = run_worker(live, recording, settings_overrides, events, batch)
     prompts = list(recording.added)
     if len(prompts) != len(events):
         raise RuntimeError(f"{len(prompts)} of {len(events)} events reached the engine")
@@ -361,9 +439,11 @@ def processor_vs_engine_continuous(engine: Any, settings_overrides: dict[str, An
     return {
         "mode": "continuous",
         "events": len(events),
+        "dead_letters": dead,
         "processor_seconds": round(processor_seconds, 3),
         "processor_seconds_engine_span": round(last_step - first_add, 3),
         "engine_only_seconds": round(alone_seconds, 3),
+        "completion_tokens": recording.completion_tokens,
         "engine_only_completion_tokens": alone_tokens,
         "process_cpu_seconds_processor": round(processor_cpu, 2),
         "process_cpu_seconds_engine_alone": round(alone_cpu, 2),
@@ -409,24 +489,215 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+# ------------------------------------------------------------------------------------------ pairs
+def events_from_file(path: Path, count: int) -> list[dict[str, Any]]:
+    """`count` events from a JSON-lines file (one event a line, as `processor produce` and bench/corpus.py write
+    them), cycled with fresh ids when the file holds fewer."""
+    base = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not base:
+        raise SystemExit(f"{path} holds no event")
+    return [dict(base[i % len(base)], event_id=f"{base[i % len(base)]['event_id']}-r{i // len(base)}") if i >= len(base)
+            else base[i] for i in range(count)]
+
+
+def renamed(events: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    return [dict(e, event_id=f"{prefix}-{i:05d}") for i, e in enumerate(events)]
+
+
+def calibrate(engine: Any, mode: str, events: list[dict[str, Any]], settings: Any, batch: int) -> dict[str, Any]:
+    """The engine alone in `mode` on events of its own (a warm-up of that path too): its events/s."""
+    builder = PromptBuilder(engine.tokenizer, settings.max_model_len, settings.sampling_max_tokens, settings.summary_language)
+    prompts = [builder.build(validate_event(e)) for e in events]
+    if mode == "continuous":
+        seconds, tokens = feed_alone(engine, prompts, settings.sampling_max_tokens, window=batch)
+    else:
+        alone = replay_batches(engine, [prompts[i : i + batch] for i in range(0, len(prompts), batch)], in_thread=True)
+        seconds, tokens = alone.seconds, alone.tokens
+    return {"events": len(prompts), "seconds": round(seconds, 3), "events_per_s": round(len(prompts) / seconds, 3),
+            "completion_tokens": tokens}
+
+
+# A pair's wall time beyond its two timed runs: the worker's start, its group join (~3 s on the embedded broker with
+# FAST_GROUP), producing the events, its stop.
+PAIR_OVERHEAD_S = 4.0
+# A pair's two runs in engine-alone run lengths: the alone run, and the processor's, longer by up to a quarter.
+RUNS_PER_PAIR = 2.25
+
+
+def events_per_run(rate: float, pair_seconds: float, batch: int, cap: int) -> int:
+    """Events for one run of a pair (two runs plus PAIR_OVERHEAD_S), in whole batches, at least one batch."""
+    wanted = int(rate * max(0.0, pair_seconds - PAIR_OVERHEAD_S) / RUNS_PER_PAIR)
+    return max(batch, min(cap, wanted) // batch * batch) if cap >= batch else cap
+
+
+# Time a mode needs left to be worth starting: its calibration (two batches alone) and one short pair.
+CALIBRATION_MIN_S = 15.0
+
+
+def pair_seconds_for(wanted: float, seconds_left: float | None, pairs: int) -> float:
+    """`wanted`, or less when that many pairs would not fit in the time left (a tenth kept for the drift)."""
+    if seconds_left is None or pairs <= 0:
+        return wanted
+    return max(PAIR_OVERHEAD_S + 1.0, min(wanted, 0.9 * seconds_left / pairs))
+
+
+def pair_row(run: dict[str, Any], wall: float) -> dict[str, Any]:
+    """One pair's figures side by side: processor vs engine alone."""
+    def per_s(tokens: int, seconds: float) -> float:
+        return round(tokens / seconds, 1) if seconds > 0 else 0.0
+
+    tokens_s, tokens_s_alone = per_s(run["completion_tokens"], run["processor_seconds"]), per_s(
+        run["engine_only_completion_tokens"], run["engine_only_seconds"])
+    return {
+        "ratio": run["ratio"],
+        # Sampled lengths (a real model without ignore_eos) differ between the two runs: tokens/s compares the work.
+        "tokens_per_s_ratio": round(tokens_s / tokens_s_alone, 4) if tokens_s_alone else None,
+        "engine_steps_ratio": round(run["steps_alone"] / run["steps"], 4) if run.get("steps") else None,
+        "cpu_s": run["process_cpu_seconds_processor"], "cpu_s_alone": run["process_cpu_seconds_engine_alone"],
+        "events_per_s": run["processor_events_per_s"], "events_per_s_alone": run["engine_only_events_per_s"],
+        "tokens_per_s": tokens_s, "tokens_per_s_alone": tokens_s_alone,
+        "summaries_per_hour": round(3600 * run["processor_events_per_s"]),
+        "pair_wall_seconds": round(wall, 1),
+    }
+
+
+def median_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return round(statistics.median(values), 4) if values else None
+
+
+def mode_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {key: median_of(rows, key) for key in (
+        "ratio", "tokens_per_s_ratio", "engine_steps_ratio", "cpu_s", "cpu_s_alone", "events_per_s",
+        "events_per_s_alone", "tokens_per_s", "tokens_per_s_alone", "summaries_per_hour")}
+
+
+TABLE_HEADER = ("| model | mode | pairs × events | processor / engine alone: median (each pair) | tokens/s ratio | "
+                "engine steps alone / in processor | process CPU s, processor vs alone | events/s processor / alone | "
+                "output tokens/s processor / alone | summaries/hour |")
+
+
+def table_line(label: str, mode: str, block: dict[str, Any]) -> str:
+    m, rows = block.get("median") or {}, block["pairs"]
+    if not rows:
+        return f"| {label} | {mode} | 0 | skipped | | | | | | |"
+
+    def fixed(value: float | None, digits: int) -> str:
+        return "—" if value is None else f"{value:,.{digits}f}"
+
+    return (f"| {label} | {mode} | {len(rows)} × {block['events_per_run']} | **{fixed(m['ratio'], 3)}** "
+            f"({', '.join(fixed(r['ratio'], 3) for r in rows)}) | {fixed(m['tokens_per_s_ratio'], 3)} | "
+            f"{fixed(m['engine_steps_ratio'], 3)} | {fixed(m['cpu_s'], 1)} vs {fixed(m['cpu_s_alone'], 1)} | "
+            f"{fixed(m['events_per_s'], 2)} / {fixed(m['events_per_s_alone'], 2)} | "
+            f"{fixed(m['tokens_per_s'], 0)} / {fixed(m['tokens_per_s_alone'], 0)} | {fixed(m['summaries_per_hour'], 0)} |")
+
+
+def run_pairs(engine: Any, args: argparse.Namespace, modes: list[str], overrides: dict[str, Any], pool: list[dict[str, Any]],
+              batch: int, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """For each mode: size the runs (--pair-seconds: from the engine alone's speed), then pairs back to back,
+    the modes interleaved so that a time limit leaves each as many pairs; no pair starts that would end after
+    --stop-at. One broker and one engine serve them all."""
+    counter = StepCounter(engine)
+    blocks: dict[str, dict[str, Any]] = {}
+    late = lambda seconds: bool(args.stop_at) and time.time() + seconds > args.stop_at  # noqa: E731
+    with EmbeddedBroker() as broker:
+        for mode in modes:
+            mode_overrides = dict(overrides, generation_mode=mode)
+            settings = load_settings(**mode_overrides)
+            block: dict[str, Any] = {"batch": batch, "events_per_run": min(args.processor_events, len(pool)), "pairs": [],
+                                     "runs": [], "skipped_pairs": 0}
+            blocks[mode] = block
+            if args.pair_seconds:
+                cal_events = renamed(pool[: min(len(pool), 2 * batch)], f"cal-{mode}")
+                if late(CALIBRATION_MIN_S):
+                    print(f"    {mode}: no time left to calibrate; skipped", flush=True)
+                    block["events_per_run"] = 0
+                    continue
+                block["calibration"] = calibrate(engine, mode, cal_events, settings, batch)
+        if args.pair_seconds:  # every mode's pairs fitted in the time left, at most --pair-seconds each
+            calibrated = [b for b in blocks.values() if "calibration" in b]
+            left = args.stop_at - time.time() if args.stop_at else None
+            pair_seconds = pair_seconds_for(args.pair_seconds, left, args.repeats * len(calibrated))
+            for mode, block in blocks.items():
+                if "calibration" not in block:
+                    continue
+                rate = block["calibration"]["events_per_s"]
+                block["events_per_run"] = events_per_run(rate, pair_seconds, batch, len(pool))
+                block["estimated_pair_seconds"] = round(PAIR_OVERHEAD_S + RUNS_PER_PAIR * block["events_per_run"] / rate, 1)
+                print(f"    {mode}: engine alone {rate:.2f} events/s on {block['calibration']['events']} events → "
+                      f"{block['events_per_run']} events per run (a pair ≈ {block['estimated_pair_seconds']} s)", flush=True)
+        for repetition in range(args.repeats):
+            for mode in modes:
+                block = blocks[mode]
+                if not block["events_per_run"]:
+                    continue
+                estimate = block["pairs"][-1]["pair_wall_seconds"] if block["pairs"] else block.get("estimated_pair_seconds", 0.0)
+                if late(estimate):
+                    block["skipped_pairs"] += 1
+                    print(f"    pair {repetition + 1}/{args.repeats} {mode}: skipped (would end after --stop-at)", flush=True)
+                    continue
+                started = time.perf_counter()
+                run = processor_vs_engine(engine, dict(overrides, generation_mode=mode), pool[: block["events_per_run"]], batch,
+                                          also_main_thread=args.repeats == 1, broker=broker, counter=counter)
+                row = pair_row(run, time.perf_counter() - started)
+                block["runs"].append(run)
+                block["pairs"].append(row)
+                block["median"] = mode_summary(block["pairs"])
+                print(f"    pair {repetition + 1}/{args.repeats} {mode:<11}: ratio {row['ratio']:.3f}, tokens/s ratio "
+                      f"{row['tokens_per_s_ratio']}, steps ratio {row['engine_steps_ratio']}, CPU s {row['cpu_s']} vs "
+                      f"{row['cpu_s_alone']}, {row['events_per_s']} vs {row['events_per_s_alone']} events/s, "
+                      f"{row['tokens_per_s']} vs {row['tokens_per_s_alone']} tokens/s, pair {row['pair_wall_seconds']} s", flush=True)
+                save(blocks)
+    for block in blocks.values():
+        block.setdefault("median", mode_summary(block["pairs"]))
+    return blocks
+
+
+def build_engine(args: argparse.Namespace, settings: Any) -> Any:
+    if not args.fake:
+        from processor.engines import create_engine
+
+        return create_engine(settings)
+    import vllm  # the test double (tests/fakes/vllm063), put first on the path by main()
+
+    from processor.engines.vllm_engine import VllmEngine
+
+    return VllmEngine.from_settings(settings, llm_factory=lambda **kw: vllm.LLM(**kw, num_gpu_blocks_override=args.fake_blocks))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     parser.add_argument("--model", help="a model directory; default: build a random-weight Qwen2.5-0.5B-architecture model")
+    parser.add_argument("--label", help="the model's name in the summary table (default: --model)")
     parser.add_argument("--tiny", action="store_true", help="a toy-size model (a CPU smoke run of the harness)")
+    parser.add_argument("--fake", action="store_true",
+                        help="--engine vllm on the vLLM 0.6.3 test double and a toy full-vocabulary model (CPU smoke run)")
+    parser.add_argument("--fake-blocks", type=int, default=4000, help="--fake: the KV blocks the double allocates")
     parser.add_argument("--prompt-tokens", type=int, default=1500)
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--events-file", help="JSON-lines events (bench/corpus.py) instead of the synthetic ones")
+    parser.add_argument("--max-model-len", type=int, help="VLLM_MAX_MODEL_LEN (default: prompt + new tokens + 64)")
+    parser.add_argument("--load-format", help="VLLM_LOAD_FORMAT (dummy: random weights from the config alone)")
+    parser.add_argument("--quantization", help="VLLM_QUANTIZATION ('' for none; default: the settings')")
+    parser.add_argument("--gpu-memory-utilization", type=float, help="VLLM_GPU_MEMORY_UTILIZATION")
     parser.add_argument("--batch-sizes", default="1,8,32,64")
     parser.add_argument("--events-per-size", type=int, default=64)
     parser.add_argument("--single-events", type=int, default=8, help="events for the per-event (batch 1) row")
-    parser.add_argument("--processor-events", type=int, default=256)
+    parser.add_argument("--processor-events", type=int, default=256, help="events per run (with --pair-seconds: the most)")
     parser.add_argument("--mode", choices=["micro_batch", "continuous"], default="micro_batch",
                         help="GENERATION_MODE of the processor run (b, c)")
+    parser.add_argument("--modes", help="comma-separated GENERATION_MODEs, one engine for all: e.g. micro_batch,continuous")
     parser.add_argument("--skip-sweep", action="store_true", help="skip (a); (b, c) use --batch")
-    parser.add_argument("--batch", type=int, default=64, help="BATCH_MAX_RECORDS for (b, c) with --skip-sweep")
+    parser.add_argument("--batch", type=int, default=64,
+                        help="BATCH_MAX_RECORDS for (b, c) with --skip-sweep; 0: the window the KV cache holds")
     parser.add_argument("--long-tail", action="store_true",
                         help="vLLM: per-event output lengths drawn like real summaries (max_tokens with ignore_eos)")
     parser.add_argument("--repeats", type=int, default=1, help="(b, c): processor/engine-alone pairs, back to back; the median pair is reported")
+    parser.add_argument("--pair-seconds", type=float, default=0.0,
+                        help="size each run so a pair takes about this long, from the engine alone's speed (0: --processor-events)")
+    parser.add_argument("--stop-at", type=float, default=0.0, help="epoch seconds: no pair starts that would end later")
+    parser.add_argument("--name", help="result file stem under --out (default: gpu[-<mode>])")
     parser.add_argument("--switch-interval-ms", type=float, default=None,
                         help="the GIL switch interval for the whole run, the Worker's included (its own: "
                              "processor.loop.GIL_SWITCH_INTERVAL_S, 1 ms; CPython's default: 5 ms)")
@@ -435,11 +706,19 @@ def main() -> int:
     if args.switch_interval_ms is not None:
         sys.setswitchinterval(args.switch_interval_ms / 1000)
         processor.loop.GIL_SWITCH_INTERVAL_S = args.switch_interval_ms / 1000  # Worker.run() sets this one
+    if args.fake:
+        args.engine = "vllm"
+        sys.path.insert(0, str(ROOT / "tests" / "fakes" / "vllm063"))
+    modes = args.modes.split(",") if args.modes else [args.mode]
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     model_dir = args.model
+    if args.fake and not model_dir:
+        from bench.vllm_modes import build_model
+
+        model_dir = str(build_model(Path(tempfile.mkdtemp(prefix="toy-full-vocab-")), tiny=True))
     if args.engine == "transformers" and not model_dir:
         from processor.ops.tiny_model import QWEN25_05B, build_tiny_chat_model, sample_corpus
 
@@ -458,16 +737,20 @@ def main() -> int:
     if args.long_tail:
         args.new_tokens = 1536  # the longest a drawn length may be: what the feed reserves per request
     overrides: dict[str, Any] = {"engine": args.engine, "sampling_max_tokens": args.new_tokens,
-                                 "vllm_max_model_len": args.prompt_tokens + args.new_tokens + 64,
-                                 "generation_mode": args.mode}
+                                 "vllm_max_model_len": args.max_model_len or args.prompt_tokens + args.new_tokens + 64,
+                                 "generation_mode": modes[0]}
     if args.engine == "transformers":
         overrides["transformers_model"] = model_dir
     elif model_dir:
         overrides["vllm_model"] = model_dir
+    for flag, key in (("load_format", "vllm_load_format"), ("quantization", "vllm_quantization"),
+                      ("gpu_memory_utilization", "vllm_gpu_memory_utilization")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
     settings = load_settings(**overrides)
-    from processor.engines import create_engine
-
-    engine = create_engine(settings)
+    engine_started = time.perf_counter()
+    engine = build_engine(args, settings)
+    startup_seconds = time.perf_counter() - engine_started
     device = "cpu"
     try:
         import torch
@@ -476,9 +759,14 @@ def main() -> int:
             device = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    print(f"engine {engine.kind} ({engine.model}) on {device}", flush=True)
+    vllm_version = getattr(getattr(engine, "vllm", None), "__version__", None)
+    print(f"engine {engine.kind} {vllm_version or ''} ({engine.model}) on {device}, started in {startup_seconds:.1f} s", flush=True)
 
-    events = make_events(max(max(sizes), args.events_per_size, args.processor_events), args.prompt_tokens - 20, engine.tokenizer)
+    pool_size = max(max(sizes), args.events_per_size, args.processor_events)
+    if args.events_file:
+        events = events_from_file(Path(args.events_file), pool_size)
+    else:
+        events = make_events(pool_size, args.prompt_tokens - 20, engine.tokenizer)
     prompts = fixed_prompts(events, engine.tokenizer, args.prompt_tokens)
     if args.long_tail:
         if not hasattr(engine, "sampling_override"):
@@ -486,6 +774,8 @@ def main() -> int:
         from bench.vllm_modes import output_lengths
 
         lengths = output_lengths(prompts)
+        for mode in modes:  # the calibration runs' events draw the same lengths as those they copy
+            lengths.update({f"cal-{mode}-{i:05d}": lengths[p.event.event_id] for i, p in enumerate(prompts)})
         # Events not in the list (the worker's warm-up prompt) get a short answer.
         engine.sampling_override = lambda p: {"max_tokens": lengths.get(p.event.event_id, 32), "ignore_eos": True}
     sweep: list[dict[str, Any]] = []
@@ -499,52 +789,66 @@ def main() -> int:
         speedup = best["tokens_per_s"] / single["tokens_per_s"]
         batch = best["batch"]
         print(f"    best batch {best['batch']}: {speedup:.1f}× per-event throughput (target ≥ 10×)", flush=True)
+    budget = engine.in_flight_budget() if hasattr(engine, "in_flight_budget") else None
+    if batch == 0:  # the window the KV cache holds at full-length requests, as the product's capacity plan sizes it
+        if budget is None:
+            raise SystemExit("--batch 0 needs an engine that reports its KV cache (vLLM)")
+        cost = budget.request_tokens(args.prompt_tokens, args.new_tokens)
+        batch = max(1, min(budget.max_sequences, budget.kv_tokens // cost))
+        print(f"    KV cache {budget.kv_tokens:,} tokens, {cost} per request → batch / window {batch}", flush=True)
 
-    print(f"(b, c) full processor vs engine alone, GENERATION_MODE={args.mode}, {args.processor_events} events, "
-          f"batches of {batch}", flush=True)
-    settings_overrides = {k: v for k, v in overrides.items() if k != "engine"}
-    # The engine's own speed drifts between runs on a shared host (median step 3.3-4.2 ms for the very same work
-    # on an H100): each repetition measures the processor and then the engine alone back to back, and the
-    # median pair is reported with every pair's ratio.
-    runs = []
-    for repetition in range(args.repeats):
-        runs.append(processor_vs_engine(engine, settings_overrides, events[: args.processor_events], batch, also_main_thread=args.repeats == 1))
-        print(f"    pair {repetition + 1}/{args.repeats}: ratio {runs[-1]['ratio']:.3f}", flush=True)
-    pv = sorted(runs, key=lambda r: r["ratio"])[len(runs) // 2]
-    pv["ratios_of_all_pairs"] = [r["ratio"] for r in runs]
-    if "steps_alone" in pv:
-        pv["engine_steps_ratio_of_all_pairs"] = [round(r["steps_alone"] / r["steps"], 4) for r in runs if r["steps"]]
-    print(f"    processor {pv['processor_events_per_s']:.3f} events/s, engine alone {pv['engine_only_events_per_s']:.3f} events/s: "
-          f"ratio {pv['ratio']:.3f} (target ≥ 0.95; median of {pv['ratios_of_all_pairs']})", flush=True)
-    if "engine_steps_ratio_of_all_pairs" in pv:
-        print(f"    engine steps alone / in the processor: {pv['engine_steps_ratio_of_all_pairs']} (the same work: 1.0 means "
-              f"the processor kept the engine as full as the engine alone)", flush=True)
-    if args.mode == "micro_batch":
-        print(f"    generate() seconds per batch — in the processor: {pv['generate_seconds_in_processor']}; alone on a thread: "
-              f"{pv['generate_seconds_alone_thread']}; alone on the main thread: {pv['generate_seconds_alone_main']}", flush=True)
-        print(f"    process CPU seconds — processor run: {pv['process_cpu_seconds_processor']}, "
-              f"engine alone on a thread: {pv['process_cpu_seconds_engine_alone_thread']}", flush=True)
-    else:
-        print(f"    {pv['steps']} engine steps; process CPU seconds — processor run: {pv['process_cpu_seconds_processor']}, "
-              f"feed alone: {pv['process_cpu_seconds_engine_alone']}", flush=True)
-    print(f"    engine idle {100 * pv['engine_idle_share']:.2f} % of wall time between its first and last batch (target < 5 %); "
-          f"{100 * pv['engine_idle_share_incl_first_fill_and_last_commit']:.2f} % counting the first fill and the last commit", flush=True)
-
-    result = {
-        "engine": engine.kind, "model": "random-weight Qwen2.5-0.5B architecture" if not args.model else engine.model,
+    label = args.label or (engine.model if args.model else "toy model on the vLLM test double" if args.fake
+                           else "toy random-weight model" if args.tiny else "random-weight Qwen2.5-0.5B architecture")
+    name = args.name or (("gpu" if device != "cpu" else "gpu-harness-cpu-smoke") + ("" if args.engine == "transformers" else f"-{modes[0]}"))
+    name += "-cpu-smoke" if args.name and device == "cpu" else ""
+    name += f"-switch{args.switch_interval_ms:g}ms" if args.switch_interval_ms is not None else ""
+    result: dict[str, Any] = {
+        "engine": engine.kind, "vllm": vllm_version, "model": label, "model_path": engine.model,
         "device": device, "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "generation_mode": args.mode,
+        "engine_startup_seconds": round(startup_seconds, 1),
+        "settings": {"prompt_tokens": args.prompt_tokens, "max_new_tokens": args.new_tokens, "long_tail": args.long_tail,
+                     "events_file": args.events_file, "max_model_len": settings.max_model_len,
+                     "quantization": settings.vllm_quantization, "load_format": settings.vllm_load_format,
+                     "gpu_memory_utilization": settings.vllm_gpu_memory_utilization, "batch": batch,
+                     "kv_tokens": budget.kv_tokens if budget else None,
+                     "sampling": {"temperature": settings.sampling_temperature, "top_p": settings.sampling_top_p}},
+        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "generation_mode": modes[0],
         "long_tail": args.long_tail,
         # The GIL switch interval the worker ran at (Worker.run sets its own and restores the process's after).
         "switch_interval_ms": round(min(sys.getswitchinterval(), processor.loop.GIL_SWITCH_INTERVAL_S) * 1000, 3),
         "batch_sweep": sweep, "best_batch": batch, "speedup_best_vs_single": round(speedup, 2) if speedup else None,
-        "processor_vs_engine": pv, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    # Transformers (micro-batch only): gpu.json; vLLM: gpu-<mode>.json (bench/results holds both).
-    name = ("gpu" if device != "cpu" else "gpu-harness-cpu-smoke") + ("" if args.engine == "transformers" else f"-{args.mode}")
-    name += f"-switch{args.switch_interval_ms:g}ms" if args.switch_interval_ms is not None else ""
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out / f"{name}.png")
+
+    def save(blocks: dict[str, Any]) -> None:
+        result["modes"] = blocks
+        result["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"(b, c) full processor vs engine alone, GENERATION_MODE={','.join(modes)}, batches / window of {batch}, "
+          f"{args.repeats} pairs each", flush=True)
+    settings_overrides = {k: v for k, v in overrides.items() if k != "engine"}
+    # The engine's own speed drifts between runs on a shared host (median step 3.3-4.2 ms for the very same work
+    # on an H100): each pair measures the processor and then the engine alone back to back, and the median pair
+    # is reported with every pair's figures.
+    blocks = run_pairs(engine, args, modes, settings_overrides, events, batch, save)
+    save(blocks)
+    print(TABLE_HEADER, flush=True)
+    print("|" + "---|" * 10, flush=True)
+    for mode, block in blocks.items():
+        print("TABLE " + table_line(label, mode, block), flush=True)
+        if not block["runs"]:
+            continue
+        pv = sorted(block["runs"], key=lambda r: r["ratio"])[len(block["runs"]) // 2]
+        print(f"    {mode}: engine idle {100 * pv['engine_idle_share']:.2f} % of wall time between its first and last batch "
+              f"(target < 5 %); {100 * pv['engine_idle_share_incl_first_fill_and_last_commit']:.2f} % counting the first "
+              f"fill and the last commit", flush=True)
+    first = next((b for b in blocks.values() if b["runs"]), None)
+    if first is not None:
+        pv = dict(sorted(first["runs"], key=lambda r: r["ratio"])[len(first["runs"]) // 2])
+        pv["ratios_of_all_pairs"] = [r["ratio"] for r in first["runs"]]
+        result["processor_vs_engine"] = pv
+        save(blocks)
+        plot(result, out / f"{name}.png")
     print(f"written: {out / (name + '.json')} (+ .png where matplotlib is installed)", flush=True)
     engine.close()
     return 0

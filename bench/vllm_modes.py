@@ -16,6 +16,7 @@ product path samples with the settings). Measures:
 
     python bench/vllm_modes.py all --out DIR            # build the model, both parts, JSON + PNG (GPU host)
     python bench/vllm_modes.py build --model-dir DIR    # only the model
+    python bench/vllm_modes.py build-7b --model-dir DIR [--awq] [--tokenizer-from DIR]   # 7B shape, no weights (dummy)
     python bench/vllm_modes.py part --part A|B ...      # one part in this process (A: prefix caching off)
     python bench/vllm_modes.py merge --out DIR          # parts' JSON → vllm_modes.json (+ PNG with matplotlib)
     python bench/vllm_modes.py all --fake --events 40   # CPU smoke run against the test double of vLLM 0.6.3
@@ -130,6 +131,59 @@ def build_model(directory: Path, tiny: bool = False) -> Path:
     model.save_pretrained(directory)
     log(f"built a random-weight model ({'toy' if tiny else 'Qwen2.5-0.5B architecture'}, vocab {shape['vocab']}) "
         f"in {time.perf_counter() - started:.1f} s")
+    return directory
+
+
+# Qwen2.5-7B-Instruct's shape (its config.json), the ADR's model; the vocabulary is the synthetic tokenizer's length.
+QWEN25_7B = {"hidden_size": 3584, "layers": 28, "heads": 28, "kv_heads": 4, "intermediate_size": 18944,
+             "vocab": QWEN25_05B["vocab"]}
+# Qwen2.5-7B-Instruct-AWQ's quantization_config: 4-bit, group 128, zero point, GEMM layout.
+AWQ_CONFIG = {"bits": 4, "group_size": 128, "modules_to_not_convert": None, "quant_method": "awq", "version": "gemm",
+              "zero_point": True}
+
+
+def build_7b_config(directory: Path, awq: bool = False, tokenizer_from: Path | None = None) -> Path:
+    """A Qwen2.5-7B-architecture model folder with no weights (config, generation config, tokenizer): vLLM makes
+    random ones from the config with load_format="dummy". bf16, or with AWQ's quantization_config (fp16
+    activations, as the AWQ checkpoint). The tokenizer is copied from `tokenizer_from` (a folder `build` wrote)
+    when given, else built."""
+    import shutil
+
+    if (directory / "config.json").exists() and (directory / "tokenizer.json").exists():
+        log(f"7B-shape folder already in {directory}")
+        return directory
+    started = time.perf_counter()
+    directory.mkdir(parents=True, exist_ok=True)
+    shape = QWEN25_7B
+    if tokenizer_from is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+            if (tokenizer_from / name).exists():
+                shutil.copy(tokenizer_from / name, directory / name)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        if len(tokenizer) != shape["vocab"]:
+            raise SystemExit(f"{tokenizer_from}'s tokenizer has {len(tokenizer)} ids, not {shape['vocab']}")
+    else:
+        tokenizer = build_tokenizer(directory, shape["vocab"])
+    eos, bos = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config: dict[str, Any] = {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+        "hidden_size": shape["hidden_size"], "intermediate_size": shape["intermediate_size"],
+        "num_hidden_layers": shape["layers"], "num_attention_heads": shape["heads"],
+        "num_key_value_heads": shape["kv_heads"], "vocab_size": shape["vocab"], "max_position_embeddings": 32768,
+        "max_window_layers": shape["layers"], "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "sliding_window": 131072,
+        "use_sliding_window": False, "tie_word_embeddings": False, "attention_dropout": 0.0, "initializer_range": 0.02,
+        "use_cache": True, "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id,
+        "torch_dtype": "float16" if awq else "bfloat16",
+    }
+    if awq:
+        config["quantization_config"] = dict(AWQ_CONFIG)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (directory / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": bos, "eos_token_id": [eos], "pad_token_id": tokenizer.pad_token_id}, indent=2) + "\n")
+    log(f"wrote a Qwen2.5-7B-architecture folder ({'AWQ 4-bit' if awq else 'bf16'}, no weights: load_format=dummy) "
+        f"in {directory} in {time.perf_counter() - started:.1f} s")
     return directory
 
 
@@ -629,7 +683,9 @@ def host_info() -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["all", "build", "part", "merge"])
+    parser.add_argument("command", choices=["all", "build", "build-7b", "part", "merge"])
+    parser.add_argument("--awq", action="store_true", help="build-7b: with AWQ's quantization_config (4-bit, group 128)")
+    parser.add_argument("--tokenizer-from", help="build-7b: copy the tokenizer from this folder (one `build` wrote)")
     parser.add_argument("--part", choices=["A", "B", "E"], default="A")
     parser.add_argument("--parts", default="AB", help="for `all`: which parts to run")
     parser.add_argument("--model-dir", default="/tmp/qwen25-05b-random-full-vocab")
@@ -643,6 +699,9 @@ def main() -> int:
     out = Path(args.out)
     if args.command == "build":
         build_model(Path(args.model_dir), tiny=args.fake)
+        return 0
+    if args.command == "build-7b":
+        build_7b_config(Path(args.model_dir), awq=args.awq, tokenizer_from=Path(args.tokenizer_from) if args.tokenizer_from else None)
         return 0
     if args.command == "part":
         return run_part(args)
