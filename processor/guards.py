@@ -4,13 +4,14 @@ cap ends on a whole character and, where one is near, a whole sentence.
 A small model at the ADR's sampling (0.7 / 0.9 / 1,536 tokens) runs 41 % of its summaries to the cap in loops such as
 "No. No. No. …" or one sentence over and over (issue 18). Sampling penalties (SAMPLING_REPETITION_PENALTY, …) make
 loops rarer; this catches the ones left, on the text, in either generation mode and with any engine. Both checks are
-linear in the text's words with a small constant (a few hundred microseconds for a 1,536-token summary).
+linear in the text's words with a small constant (bench/loop_cpu.py: ~25 µs for a 250-token English summary).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import islice
 
 REPLACEMENT_CHAR = "\ufffd"
 # Short units must repeat more often to count: "very very very" is English, "No No No No No" is a loop.
@@ -38,16 +39,48 @@ class Guarded:
 def loop_start(text: str) -> int | None:
     """Where a repetition loop's first repeat begins in `text` (keep text[:start]: one copy of the repeated unit), or
     None when nothing repeats enough to be a loop."""
-    words = [(m.group().lower(), m.start()) for m in _WORD.finditer(text)]
-    found = _unit_repeat(words)
+    tokens = _words(text)
+    found = _unit_repeat(tokens)
+    if found is not None:  # the offset of that word: only now is a match object's position worth its cost
+        found = next(islice(_WORD.finditer(text), found, None)).start()
     sentence = _sentence_repeat(text)
     candidates = [start for start in (found, sentence) if start is not None]
     return min(candidates) if candidates else None
 
 
-def _unit_repeat(words: list[tuple[str, int]]) -> int | None:
-    """The earliest run of 1 to MAX_UNIT_WORDS words repeated back to back often enough: the offset of its second copy."""
-    tokens = [word for word, _ in words]
+def _words(text: str) -> list[str]:
+    """The text's words, lower-cased one by one. ASCII text may be lower-cased whole first (the same words, far
+    cheaper); other text may not: lower-casing can turn one word character into two with a non-word one between
+    them (İ → i + U+0307) and a Greek final sigma depends on what follows it."""
+    if text.isascii():
+        return _WORD.findall(text.lower())
+    return list(map(str.lower, _WORD.findall(text)))
+
+
+def _unit_repeat(tokens: list[str]) -> int | None:
+    """The earliest run of 1 to MAX_UNIT_WORDS words repeated back to back often enough: the index of the word that
+    starts its second copy.
+
+    Each word becomes one byte, so comparing the text with itself shifted by a period is one XOR of two big integers,
+    and a run of equal words is a run of zero bytes that bytes.find looks for in C; a text of more than 256 distinct
+    words (rare below the token cap) is compared word by word."""
+    ids: dict[str, int] = {}
+    codes = [ids.setdefault(token, len(ids)) for token in tokens]
+    if len(ids) > 256:
+        return _unit_repeat_by_word(tokens)
+    data = bytes(codes)
+    size = len(data)
+    best: int | None = None
+    for period in range(1, min(MAX_UNIT_WORDS, size // 2) + 1):
+        needed = (_REPEATS_FOR_UNIT.get(period, DEFAULT_REPEATS) - 1) * period
+        same = (int.from_bytes(data[period:], "little") ^ int.from_bytes(data[: size - period], "little")).to_bytes(size - period, "little")
+        run = same.find(bytes(needed))  # byte i is zero where word period + i equals word i
+        if run >= 0 and (best is None or run + period < best):
+            best = run + period
+    return best
+
+
+def _unit_repeat_by_word(tokens: list[str]) -> int | None:
     best: int | None = None
     for period in range(1, min(MAX_UNIT_WORDS, len(tokens) // 2) + 1):
         needed = (_REPEATS_FOR_UNIT.get(period, DEFAULT_REPEATS) - 1) * period
@@ -61,7 +94,7 @@ def _unit_repeat(words: list[tuple[str, int]]) -> int | None:
                 if best is None or second_copy < best:
                     best = second_copy
                 break
-    return None if best is None else words[best][1]
+    return best
 
 
 def _sentence_repeat(text: str) -> int | None:
@@ -69,10 +102,11 @@ def _sentence_repeat(text: str) -> int | None:
     seen: dict[tuple[str, ...], list[int]] = {}
     start = 0
     for end in _SENTENCE_END.finditer(text):
-        key = tuple(word.lower() for word in _WORD.findall(text[start : end.end()]))
+        sentence = text[start : end.end()]
+        key = tuple(_words(sentence))
         if len(key) >= MIN_SENTENCE_WORDS:
             offsets = seen.setdefault(key, [])
-            offsets.append(start + len(text[start : end.end()]) - len(text[start : end.end()].lstrip()))
+            offsets.append(start + len(sentence) - len(sentence.lstrip()))
             if len(offsets) >= SENTENCE_REPEATS:
                 return offsets[1]
         start = end.end()
