@@ -39,22 +39,23 @@ class Guarded:
 def loop_start(text: str) -> int | None:
     """Where a repetition loop's first repeat begins in `text` (keep text[:start]: one copy of the repeated unit), or
     None when nothing repeats enough to be a loop."""
-    tokens = _words(text)
-    found = _unit_repeat(tokens)
+    # ASCII text may be lower-cased whole (the same words, far cheaper); other text is lower-cased word by word, as
+    # lower-casing may turn one word character into two with a non-word one between them (İ → i + U+0307), and a Greek
+    # final sigma lower-cases by what follows it.
+    lower = text.lower() if text.isascii() else None
+    found = _unit_repeat(_words(text, lower, 0, len(text)))
     if found is not None:  # the offset of that word: only now is a match object's position worth its cost
         found = next(islice(_WORD.finditer(text), found, None)).start()
-    sentence = _sentence_repeat(text)
+    sentence = _sentence_repeat(text, lower)
     candidates = [start for start in (found, sentence) if start is not None]
     return min(candidates) if candidates else None
 
 
-def _words(text: str) -> list[str]:
-    """The text's words, lower-cased one by one. ASCII text may be lower-cased whole first (the same words, far
-    cheaper); other text may not: lower-casing can turn one word character into two with a non-word one between
-    them (İ → i + U+0307) and a Greek final sigma depends on what follows it."""
-    if text.isascii():
-        return _WORD.findall(text.lower())
-    return list(map(str.lower, _WORD.findall(text)))
+def _words(text: str, lower: str | None, start: int, end: int) -> list[str]:
+    """The words of text[start:end], each lower-cased (`lower`: the whole text lower-cased, where that is the same)."""
+    if lower is not None:
+        return _WORD.findall(lower, start, end)
+    return list(map(str.lower, _WORD.findall(text, start, end)))
 
 
 def _unit_repeat(tokens: list[str]) -> int | None:
@@ -97,15 +98,15 @@ def _unit_repeat_by_word(tokens: list[str]) -> int | None:
     return best
 
 
-def _sentence_repeat(text: str) -> int | None:
+def _sentence_repeat(text: str, lower: str | None) -> int | None:
     """The offset of the second occurrence of the first sentence seen SENTENCE_REPEATS times."""
     seen: dict[tuple[str, ...], list[int]] = {}
     start = 0
     for end in _SENTENCE_END.finditer(text):
-        sentence = text[start : end.end()]
-        key = tuple(_words(sentence))
+        key = tuple(_words(text, lower, start, end.end()))
         if len(key) >= MIN_SENTENCE_WORDS:
             offsets = seen.setdefault(key, [])
+            sentence = text[start : end.end()]
             offsets.append(start + len(sentence) - len(sentence.lstrip()))
             if len(offsets) >= SENTENCE_REPEATS:
                 return offsets[1]
