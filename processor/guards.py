@@ -65,11 +65,11 @@ def _unit_repeat(tokens: list[str]) -> int | None:
     Each word becomes one byte, so comparing the text with itself shifted by a period is one XOR of two big integers,
     and a run of equal words is a run of zero bytes that bytes.find looks for in C; a text of more than 256 distinct
     words (rare below the token cap) is compared word by word."""
-    ids: dict[str, int] = {}
-    codes = [ids.setdefault(token, len(ids)) for token in tokens]
-    if len(ids) > 256:
+    distinct = dict.fromkeys(tokens)
+    if len(distinct) > 256:
         return _unit_repeat_by_word(tokens)
-    data = bytes(codes)
+    codes = dict(zip(distinct, range(len(distinct))))
+    data = bytes(map(codes.__getitem__, tokens))
     size = len(data)
     best: int | None = None
     for period in range(1, min(MAX_UNIT_WORDS, size // 2) + 1):

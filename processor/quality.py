@@ -9,6 +9,7 @@ of a faithful summary, but a share of 0.2, a loop or a citation to a result that
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from processor.guards import Guarded
 MIN_LATIN_WORD = 4
 MIN_CJK_WORD = 2
 _WORD = re.compile(r"\w+")
+_LONG_WORD = re.compile(r"\w{%d,}" % MIN_LATIN_WORD)  # a whole word (a word's first character starts the match)
 _HANGUL = re.compile(r"[\uac00-\ud7a3]")
 _KANA = re.compile(r"[\u3040-\u30ff]")
 _HAN = re.compile(r"[\u4e00-\u9fff]")
@@ -72,21 +74,19 @@ def grounded_share(text: str, prompt: Prompt) -> float:
     """Share of the summary's content words that occur in the query or the packed results (as a substring of their
     lower-cased text: "batteries" is grounded by "batteries", a Korean word by its stem without the last syllable,
     which is often a particle). 1.0 for a summary with no content words."""
-    counts: dict[str, int] = {}
-    for word in _WORD.findall(text.lower()):
-        counts[word] = counts.get(word, 0) + 1
-    total = found = 0
-    source: _Source | None = None
-    for word, count in counts.items():
-        if not _content(word):
-            continue
-        if source is None:
-            source = _Source(prompt)
-        total += count
-        if source.holds(word) or (_HANGUL.match(word) and len(word) > 2 and source.holds(word[:-1])):
-            found += count
+    lower = text.lower()
+    if lower.isascii():  # content words: four letters or more, not all digits (a word too short has no CJK letter)
+        counts = Counter(word for word in _LONG_WORD.findall(lower) if not word.isdigit())
+    else:
+        counts = Counter(word for word in _WORD.findall(lower) if _content(word))
+    total = sum(counts.values())
     if not total:
         return 1.0
+    source = _Source(prompt)
+    found = sum(counts[word] for word in counts.keys() & source.words)  # whole pieces of the source: a set operation
+    for word in counts.keys() - source.words:
+        if word in source.joined or (_HANGUL.match(word) and len(word) > 2 and source.holds(word[:-1])):
+            found += counts[word]
     return round(found / total, 3)
 
 
@@ -113,8 +113,6 @@ class _Source:
 def _content(word: str) -> bool:
     if word.isdigit():
         return False  # citation numbers, years: not words
-    if word.isascii():
-        return len(word) >= MIN_LATIN_WORD
     cjk = _HANGUL.match(word) or _HAN.match(word) or _KANA.match(word)
     return len(word) >= (MIN_CJK_WORD if cjk else MIN_LATIN_WORD)
 
