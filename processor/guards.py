@@ -26,6 +26,7 @@ MIN_SENTENCE_KEEP = 0.5
 
 _WORD = re.compile(r"\w+")
 _SENTENCE_END = re.compile(r"[.!?。！？]+[\"'”’)\]]*(?=\s|$)")
+_WORD_OR_END = re.compile(r"(\w+)|" + _SENTENCE_END.pattern)
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,13 @@ def loop_start(text: str) -> int | None:
     # lower-casing may turn one word character into two with a non-word one between them (İ → i + U+0307), and a Greek
     # final sigma lower-cases by what follows it.
     lower = text.lower() if text.isascii() else None
-    found = _unit_repeat(_words(text, lower, 0, len(text)))
+    # One pass for both checks: the words, and an empty string where a sentence ends (the two never overlap: a
+    # sentence end is punctuation, never a word character).
+    marked = _WORD_OR_END.findall(lower) if lower is not None else list(map(str.lower, _WORD_OR_END.findall(text)))
+    found = _unit_repeat(list(filter(None, marked)))
     if found is not None:  # the offset of that word: only now is a match object's position worth its cost
         found = next(islice(_WORD.finditer(text), found, None)).start()
-    sentence = _sentence_repeat(text, lower)
+    sentence = _sentence_repeat(text, lower) if _some_sentence_repeats(marked) else None
     candidates = [start for start in (found, sentence) if start is not None]
     return min(candidates) if candidates else None
 
@@ -96,6 +100,24 @@ def _unit_repeat_by_word(tokens: list[str]) -> int | None:
                     best = second_copy
                 break
     return best
+
+
+def _some_sentence_repeats(marked: list[str]) -> bool:
+    """Whether a sentence occurs SENTENCE_REPEATS times (words, "" at each sentence end): rarely, and only then is
+    its offset worth _sentence_repeat's pass."""
+    seen: dict[tuple[str, ...], int] = {}
+    sentence: list[str] = []
+    for token in marked:
+        if token:
+            sentence.append(token)
+            continue
+        if len(sentence) >= MIN_SENTENCE_WORDS:
+            key = tuple(sentence)
+            seen[key] = seen.get(key, 0) + 1
+            if seen[key] >= SENTENCE_REPEATS:
+                return True
+        sentence = []
+    return False
 
 
 def _sentence_repeat(text: str, lower: str | None) -> int | None:

@@ -133,6 +133,8 @@ def test_loop_start_matches_the_word_by_word_finder():
         "Go. Go! GO? go. Fine.", "a b a b a b a b", "x a b a b a b a b c c c c c c", "a b a b a b a", "one two three one two three one two",
         "1 2 3 4 5 6 7 8 9 10 11 12 1 2 3 4 5 6 7 8 9 10 11 12 1 2 3 4 5 6 7 8 9 10 11 12",
         "Ünïcödé Ünïcödé Ünïcödé Ünïcödé Ünïcödé", "", "word",
+        'He said "Go now." She said "Go now." He said "Go now." Then "go now!" Go, now?', "v3.11. v3.11! v3.11? v3.11",
+        "Σοφός ΟΔΟΣ. σοφός οδος! ΣΟΦΌΣ ΟΔΟΣ?", "A b.c d. A b.c d. A b.c d.", "end. end. end. . . . x y. x y. x y.",
     ]
     for text in texts:
         assert loop_start(text) == _reference_loop_start(text), text
