@@ -139,25 +139,31 @@ class Assignment:
                     if error.fatal():
                         raise KafkaException(error)
                 continue
-            epoch = self.ownership.epoch((message.topic(), message.partition()))
-            if epoch is None:
+            if self.ownership.epoch((message.topic(), message.partition())) is None:
                 self._inbox.popleft()  # fetched just before a revoke; the new owner reads it
                 continue
-            source = source_of(message, epoch)
-            try:
-                self.pipeline.submit(source)
-            except RegistryUnavailableError as exc:
-                if not self._registry.failed():
-                    raise
+            # The readable, owned records at the head of the inbox go through intake together (prompts in batches).
+            sources = []
+            for message in self._inbox:
+                epoch = None if message.error() is not None else self.ownership.epoch((message.topic(), message.partition()))
+                if epoch is None:
+                    break
+                sources.append(source_of(message, epoch))
+            taken, stopped = self.pipeline.submit_many(sources)
+            for source in sources[:taken]:
+                self._inbox.popleft()
+                self.health.ok()
+                self.progress.consumed(source)
+                self.checkpoint.track(source)
+            if taken:
+                self._registry.succeeded()
+            if stopped is not None:
+                if not isinstance(stopped, RegistryUnavailableError) or not self._registry.failed():
+                    raise stopped
                 log.error("schema registry unavailable, holding %d record(s), retry in %.1f s: %s",
-                          len(self._inbox), self._registry.next_at - time.monotonic(), exc)
+                          len(self._inbox), self._registry.next_at - time.monotonic(), stopped)
                 self.set_paused(True)
                 return
-            self._registry.succeeded()
-            self._inbox.popleft()
-            self.health.ok()
-            self.progress.consumed(source)
-            self.checkpoint.track(source)
 
     # ---------------------------------------------------------------------------------------------- rebalance
     def on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:

@@ -19,12 +19,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from datetime import datetime, timezone
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from processor.batcher import MicroBatcher
 from processor.capacity import BatchLimits, resolve_batch_limits
 from processor.codec import SUMMARY_SCHEMA, Codec, SchemaStore, SerializationContext
 from processor.engines.base import Engine, EngineStartupError, Prompt, StreamingEngine
+from processor.errors import InfrastructureError
 from processor.events import validate_event
 from processor.continuous_scheduler import ContinuousScheduler
 from processor.generation import BatchStats, Done, MicroBatchScheduler, Scheduler
@@ -37,6 +38,10 @@ from processor.source import TP, SourceRecord
 log = logging.getLogger(__name__)
 
 MAX_WARM_UP_COPIES = 64
+# Records prepared together: enough that one tokenizer call per chunk leaves the interpreter free for the engine's
+# front end most of the time, few enough that the first of them reaches the engine soon (a 1,500-token prompt takes
+# ~1-2 ms to tokenize on one core: ~50 ms for the chunk).
+INTAKE_CHUNK = 32
 
 
 class Pipeline:
@@ -62,6 +67,19 @@ class Pipeline:
     def submit(self, source: SourceRecord) -> None:
         """Raises only InfrastructureError (the Schema Registry unreachable): the record is then not taken."""
         self.scheduler.add(self.intake.prepare(source))
+
+    def submit_many(self, sources: Sequence[SourceRecord]) -> tuple[int, InfrastructureError | None]:
+        """`submit` for each source in order, intake working on INTAKE_CHUNK of them at a time (one tokenizer call
+        each, outside the interpreter): how many were taken, and the InfrastructureError that stopped at the next."""
+        taken = 0
+        while taken < len(sources):
+            items, stopped = self.intake.prepare_many(sources[taken : taken + INTAKE_CHUNK])
+            for item in items:
+                self.scheduler.add(item)
+            taken += len(items)
+            if stopped is not None:
+                return taken, stopped
+        return taken, None
 
     def take(self) -> list[OutgoingRecord]:
         return self._records(self.scheduler.take())

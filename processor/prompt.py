@@ -20,9 +20,9 @@ import hashlib
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from string import Formatter
-from typing import Sequence
+from typing import Iterator, Sequence
 
-from processor.engines.base import ChatMessage, Encoded, Prompt, Tokenizer
+from processor.engines.base import ChatMessage, Encoded, Prompt, Tokenizer, encode_batch
 from processor.errors import RecordError
 from processor.events import SearchEvent, SearchResult
 from processor.prompt_text import LANGUAGE_NAMES, Cleaner, detect_language, prefix, utf8_size
@@ -93,6 +93,19 @@ class _Spans:
     content_line: tuple[int, int]  # "content: …\n", all of which goes when the content does
 
 
+@dataclass
+class _Draft:
+    """An event made ready for its first measurement."""
+
+    event: SearchEvent
+    query: str  # cleaned
+    language: str
+    slots: list[_Slot]
+    messages: tuple[ChatMessage, ...]
+    spans: list[_Spans]
+    text: str  # the chat as rendered
+
+
 class _Counts:
     """Token counts of pieces of the rendered chat, read off one encoding's token offsets."""
 
@@ -139,6 +152,33 @@ class PromptBuilder:
         return detect_language(event) if self.summary_language == "auto" else self.summary_language
 
     def build(self, event: SearchEvent) -> Prompt:
+        draft = self._draft(event)
+        return self._pack(draft, self.tokenizer.encode(draft.text))
+
+    def build_many(self, events: Sequence[SearchEvent]) -> list[Prompt | Exception]:
+        """`build` for each event, in order, each event's failure in its place; the first measurement of every prompt
+        in one encode_batch call (outside the interpreter, on a Rust tokenizer). The rest is per event, as in build."""
+        drafts: list[_Draft | Exception] = []
+        for event in events:
+            try:
+                drafts.append(self._draft(event))
+            except Exception as exc:  # noqa: BLE001 - this event's own failure, returned in its place
+                drafts.append(exc)
+        texts = [draft.text for draft in drafts if isinstance(draft, _Draft)]
+        try:
+            encodings: Iterator[Encoded | None] = iter(encode_batch(self.tokenizer, texts))
+        except Exception:  # noqa: BLE001 - a text the tokenizer refuses: encode each alone, so only its event fails
+            encodings = iter([None] * len(texts))
+        out: list[Prompt | Exception] = []
+        for draft in drafts:
+            try:
+                out.append(draft if isinstance(draft, Exception) else self._pack(draft, next(encodings) or self.tokenizer.encode(draft.text)))
+            except Exception as exc:  # noqa: BLE001 - as above
+                out.append(exc)
+        return out
+
+    def _draft(self, event: SearchEvent) -> _Draft:
+        """The event's text capped and cleaned, rendered as a chat: everything before the first measurement."""
         language = self.language_for(event)
         query = self._clean(event.query)
         query_bytes = utf8_size(query)
@@ -147,23 +187,27 @@ class PromptBuilder:
         slots = self._slots(event.results, self.byte_budget - query_bytes)
         if not slots:
             raise self._too_long(f"not even the top-ranked result's title and url fit beside a query of {len(query)} characters")
-        return self._pack(event, query, language, slots)
-
-    def _pack(self, event: SearchEvent, query: str, language: str, slots: list[_Slot]) -> Prompt:
-        """Measure exactly; if over budget, plan the cut on the piece counts of that measurement and measure again."""
         language_name = LANGUAGE_NAMES.get(language, language)
         system = ChatMessage("system", SYSTEM_TEMPLATE.format(language=language_name))
+        user, spans = self._user_message(query, language_name, slots)
+        messages = (system, ChatMessage("user", user))
+        return _Draft(event, query, language, slots, messages, spans, self.tokenizer.render_chat(messages))
+
+    def _pack(self, draft: _Draft, encoded: Encoded) -> Prompt:
+        """Measure exactly (`encoded`: the draft's text); if over budget, plan the cut on its piece counts, measure again."""
+        event, slots, messages, spans, text = draft.event, draft.slots, draft.messages, draft.spans, draft.text
         planned = previous = 0
         for attempt in range(MAX_MEASUREMENTS):
-            user, spans = self._user_message(query, language_name, slots)
-            messages = (system, ChatMessage("user", user))
-            text = self.tokenizer.render_chat(messages)
-            encoded = self.tokenizer.encode(text)
+            if attempt:  # after a cut: render and measure again
+                user, spans = self._user_message(draft.query, LANGUAGE_NAMES.get(draft.language, draft.language), slots)
+                messages = (messages[0], ChatMessage("user", user))
+                text = self.tokenizer.render_chat(messages)
+                encoded = self.tokenizer.encode(text)
             over = len(encoded.ids) - self.budget
             if over <= 0:
                 self._check_controls(encoded.ids)
-                return self._prompt(event, slots, messages, encoded.ids, language)
-            counts = self._counts(text, user, encoded)
+                return self._prompt(event, slots, messages, encoded.ids, draft.language)
+            counts = self._counts(text, messages[1].content, encoded)
             if planned:  # a correction
                 over = _calibrated(over, planned, freed=previous - len(encoded.ids))
             previous = len(encoded.ids)

@@ -9,6 +9,7 @@ of a faithful summary, but a share of 0.2, a loop or a citation to a result that
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,10 +21,14 @@ from processor.guards import Guarded
 MIN_LATIN_WORD = 4
 MIN_CJK_WORD = 2
 _WORD = re.compile(r"\w+")
+_LONG_WORD = re.compile(r"\w{%d,}" % MIN_LATIN_WORD)  # a whole word (a word's first character starts the match)
 _HANGUL = re.compile(r"[\uac00-\ud7a3]")
 _KANA = re.compile(r"[\u3040-\u30ff]")
 _HAN = re.compile(r"[\u4e00-\u9fff]")
 _LATIN = re.compile(r"[A-Za-z\u00c0-\u024f]")
+_ASCII_LETTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# What may surround a word in text split at whitespace (the ASCII punctuation; a word is never made of it).
+_PUNCTUATION = "!\"#$%&'()*+,-./:;<=>?@[\\]^`{|}~"
 # Scripts each summary language is written in; a summary whose letters are mostly of another script is a mismatch.
 _SCRIPTS = {"ko": (_HANGUL,), "ja": (_KANA, _HAN), "zh": (_HAN,)}
 MISMATCH_BELOW = 0.3  # share of the letters in the expected script
@@ -69,13 +74,40 @@ def grounded_share(text: str, prompt: Prompt) -> float:
     """Share of the summary's content words that occur in the query or the packed results (as a substring of their
     lower-cased text: "batteries" is grounded by "batteries", a Korean word by its stem without the last syllable,
     which is often a particle). 1.0 for a summary with no content words."""
-    event = prompt.event
-    source = " ".join([event.query, *(f"{r.title} {r.snippet} {r.content or ''}" for r in event.results)]).lower()
-    words = [w for w in _WORD.findall(text.lower()) if _content(w)]
-    if not words:
+    lower = text.lower()
+    if lower.isascii():  # content words: four letters or more, not all digits (a word too short has no CJK letter)
+        counts = Counter(word for word in _LONG_WORD.findall(lower) if not word.isdigit())
+    else:
+        counts = Counter(word for word in _WORD.findall(lower) if _content(word))
+    total = sum(counts.values())
+    if not total:
         return 1.0
-    found = sum(1 for w in words if w in source or (_HANGUL.match(w) and len(w) > 2 and w[:-1] in source))
-    return round(found / len(words), 3)
+    source = _Source(prompt)
+    found = sum(counts[word] for word in counts.keys() & source.words)  # whole pieces of the source: a set operation
+    for word in counts.keys() - source.words:
+        if word in source.joined or (_HANGUL.match(word) and len(word) > 2 and source.holds(word[:-1])):
+            found += counts[word]
+    return round(found / total, 3)
+
+
+class _Source:
+    """The query and packed results, lower-cased, for "is this word a substring of them".
+
+    A word is made of word characters only, and whitespace is never one, so the word is a substring of the text
+    exactly when it is a substring of one of the text's whitespace-separated pieces: it is looked up among the
+    distinct pieces (as a whole piece, or one with its punctuation stripped, first: a set lookup) and only then
+    searched for in those distinct pieces joined, a fraction of the text's length where text repeats itself."""
+
+    def __init__(self, prompt: Prompt) -> None:
+        event = prompt.event
+        # Lower-cased whole, as before: a Greek final sigma lower-cases by what follows it.
+        text = " ".join([event.query, *(f"{r.title} {r.snippet} {r.content or ''}" for r in event.results)]).lower()
+        pieces = set(text.split())
+        self.words = pieces | {piece.strip(_PUNCTUATION) for piece in pieces}
+        self.joined = " ".join(pieces)
+
+    def holds(self, word: str) -> bool:
+        return word in self.words or word in self.joined
 
 
 def _content(word: str) -> bool:
@@ -89,10 +121,14 @@ def language_mismatch(text: str, language: str) -> bool:
     """Whether the summary's letters are mostly not in the script of `language` (ko: Hangul; ja: kana or Han;
     zh: Han; anything else: Latin). By script only: English written for a German request is not caught."""
     sample = text[:SAMPLE_CHARS]
-    letters = sum(1 for c in sample if c.isalpha())
+    scripts = _SCRIPTS.get(language.split("-")[0].lower(), (_LATIN,))
+    if sample.isascii():  # its letters are A-Z and a-z: all Latin, none of another script
+        data = sample.encode("ascii")
+        letters = len(data) - len(data.translate(None, _ASCII_LETTERS))
+        return bool(letters) and scripts != (_LATIN,)
+    letters = sum(map(str.isalpha, sample))
     if not letters:
         return False
-    scripts = _SCRIPTS.get(language.split("-")[0].lower(), (_LATIN,))
     expected = sum(len(pattern.findall(sample)) for pattern in scripts)
     return expected / letters < MISMATCH_BELOW
 

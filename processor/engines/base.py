@@ -83,6 +83,23 @@ class Tokenizer(Protocol):
         ...
 
 
+class BatchTokenizer(Tokenizer, Protocol):
+    """A tokenizer that encodes many texts in one call, outside the interpreter (a Rust tokenizer releases the GIL
+    for the batch): the prompt builder's path for a whole intake chunk. Optional: see encode_batch()."""
+
+    def encode_batch(self, texts: Sequence[str]) -> list[Encoded]:
+        """`[encode(text) for text in texts]`, the same ids and starts, in one call."""
+        ...
+
+
+def encode_batch(tokenizer: Tokenizer, texts: Sequence[str]) -> list[Encoded]:
+    """The texts' encodings: in one call where the tokenizer has encode_batch, else one encode() each."""
+    batch = getattr(tokenizer, "encode_batch", None)
+    if batch is None:
+        return [tokenizer.encode(text) for text in texts]
+    return list(batch(texts)) if texts else []
+
+
 @dataclass(frozen=True)
 class Prompt:
     """One event, its results packed to fit the context, rendered for the engine."""

@@ -7,7 +7,8 @@ them), so the ids counted by the prompt builder and the batcher are exactly the 
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+import time
+from typing import Any, Callable, Sequence
 
 from processor.engines.base import ChatMessage, Encoded
 
@@ -24,6 +25,7 @@ class HFChatTokenizer:
         controls = _control_tokens(tokenizer)
         self._control_tokens = frozenset(controls)
         self._control_token_ids = frozenset(controls.values())
+        self.native_cpu_s = 0.0  # this thread's CPU inside the Rust tokenizer's GIL-free batch calls (bench/loop_cpu.py)
 
     @property
     def control_tokens(self) -> frozenset[str]:
@@ -41,16 +43,28 @@ class HFChatTokenizer:
         )
 
     def encode(self, text: str) -> Encoded:
-        batch = self.hf(text, add_special_tokens=False, return_attention_mask=False)
-        ids = batch["input_ids"]
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[Encoded]:
+        """The texts' ids in one call. A fast tokenizer's Rust backend encodes the whole batch with the GIL released
+        (and on several cores where TOKENIZERS_PARALLELISM allows), so the engine's front end, which shares this
+        interpreter, keeps running meanwhile; `native_cpu_s` adds up this thread's CPU inside those calls."""
+        if not texts:
+            return []
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        # Called directly only while it truncates and pads nothing: the Transformers call would switch both off first.
+        if backend is not None and backend.truncation is None and backend.padding is None:
+            started = time.thread_time()
+            encodings = backend.encode_batch(list(texts), add_special_tokens=False)
+            self.native_cpu_s += time.thread_time() - started
+            return [Encoded(encoding.ids, _starts_of(encoding)) for encoding in encodings]
+        batch = self.hf(list(texts), add_special_tokens=False, return_attention_mask=False)
         encodings = getattr(batch, "encodings", None)
         if encodings:  # a fast tokenizer keeps its Rust encoding: offsets come from it only if asked for
-            encoding = encodings[0]
-            return Encoded(ids, lambda: [start for start, _ in encoding.offsets])
+            return [Encoded(ids, _starts_of(encoding)) for ids, encoding in zip(batch["input_ids"], encodings)]
         # A slow tokenizer has no offsets: spread the tokens evenly over the text. The builder treats starts as an
         # estimate and always re-measures exactly, so a poor one costs correction passes, never a wrong prompt.
-        length, count = len(text), max(1, len(ids))
-        return Encoded(ids, lambda: [index * length // count for index in range(len(ids))])
+        return [Encoded(ids, _spread(len(text), len(ids))) for text, ids in zip(texts, batch["input_ids"])]
 
     def chat_token_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
         return list(self.encode(self.render_chat(messages)).ids)
@@ -68,6 +82,15 @@ class HFChatTokenizer:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.hf.decode(list(token_ids), skip_special_tokens=True))
+
+
+def _starts_of(encoding: Any) -> Callable[[], list[int]]:
+    return lambda: [start for start, _ in encoding.offsets]
+
+
+def _spread(length: int, tokens: int) -> Callable[[], list[int]]:
+    count = max(1, tokens)
+    return lambda: [index * length // count for index in range(tokens)]
 
 
 def _control_tokens(tokenizer: Any) -> dict[str, int]:

@@ -91,3 +91,50 @@ def test_transformers_engine_drops_the_tokens_of_a_half_character_at_the_cap(tin
     [generation] = engine.generate([prompt])
     assert generation.finish_reason == "length" and generation.completion_tokens == cut
     assert generation.text.strip() == "Seoul" and REPLACEMENT_CHAR not in generation.text
+
+
+def _reference_loop_start(text):
+    """The loop finder as first written (word by word), the oracle for the faster one."""
+    import re
+
+    word_re, end_re = re.compile(r"\w+"), re.compile(r"[.!?。！？]+[\"'”’)\]]*(?=\s|$)")
+    words = [(m.group().lower(), m.start()) for m in word_re.finditer(text)]
+    tokens = [w for w, _ in words]
+    best = None
+    for period in range(1, min(12, len(tokens) // 2) + 1):
+        needed = ({1: 5, 2: 4}.get(period, 3) - 1) * period
+        run = 0
+        for index in range(period, len(tokens)):
+            run = run + 1 if tokens[index] == tokens[index - period] else 0
+            if run >= needed:
+                best = index - run + 1 if best is None else min(best, index - run + 1)
+                break
+    found = None if best is None else words[best][1]
+    seen, start, sentence = {}, 0, None
+    for end in end_re.finditer(text):
+        key = tuple(w.lower() for w in word_re.findall(text[start : end.end()]))
+        if len(key) >= 2:
+            offsets = seen.setdefault(key, [])
+            piece = text[start : end.end()]
+            offsets.append(start + len(piece) - len(piece.lstrip()))
+            if len(offsets) >= 3:
+                sentence = offsets[1]
+                break
+        start = end.end()
+    candidates = [s for s in (found, sentence) if s is not None]
+    return min(candidates) if candidates else None
+
+
+def test_loop_start_matches_the_word_by_word_finder():
+    many = " ".join(f"w{i}" for i in range(300))  # more distinct words than one byte each can name
+    texts = [text for text, _ in LOOPS] + NOT_LOOPS + [
+        many, many + " x y z x y z x y z", "x y z x y z x y z " + many, many + " a a a a a",
+        "ΟΔΟΣ ΟΔΟΣ οδος οδοσ ΟΔΟΣ ΟΔΟΣ", "İstanbul i̇stanbul İstanbul i̇stanbul İstanbul",
+        "Go. Go! GO? go. Fine.", "a b a b a b a b", "x a b a b a b a b c c c c c c", "a b a b a b a", "one two three one two three one two",
+        "1 2 3 4 5 6 7 8 9 10 11 12 1 2 3 4 5 6 7 8 9 10 11 12 1 2 3 4 5 6 7 8 9 10 11 12",
+        "Ünïcödé Ünïcödé Ünïcödé Ünïcödé Ünïcödé", "", "word",
+        'He said "Go now." She said "Go now." He said "Go now." Then "go now!" Go, now?', "v3.11. v3.11! v3.11? v3.11",
+        "Σοφός ΟΔΟΣ. σοφός οδος! ΣΟΦΌΣ ΟΔΟΣ?", "A b.c d. A b.c d. A b.c d.", "end. end. end. . . . x y. x y. x y.",
+    ]
+    for text in texts:
+        assert loop_start(text) == _reference_loop_start(text), text

@@ -46,3 +46,48 @@ def test_readable_headers_are_kept_and_the_event_goes_on_to_its_prompt():
     assert source.headers == (("trace", b"abc"), ("n", None)) and source.unreadable_headers is None
     item = intake().prepare(source)
     assert item.error is None and item.prompt is not None
+
+
+class RegistryDownAt:
+    """The codec, with the Schema Registry unreachable for one value."""
+
+    def __init__(self, down: bytes) -> None:
+        self.down = down
+
+    def deserialize(self, payload, ctx):
+        from processor.errors import RegistryUnavailableError
+
+        if payload == self.down:
+            raise RegistryUnavailableError("registry timed out")
+        return CODEC.deserialize(payload, ctx)
+
+
+def sources(values):
+    return [source_of(FakeMessage("in", 0, offset, b"k", value, None), epoch=1) for offset, value in enumerate(values)]
+
+
+def test_a_chunk_prepares_in_order_and_a_bad_record_among_good_ones_is_its_own_error():
+    from processor.prompt import PromptTooLongError
+
+    good = [CODEC.encode(make_event(i), EVENT_SCHEMA) for i in range(4)]
+    too_long = CODEC.encode(make_event(7) | {"query": "why " * 20_000}, EVENT_SCHEMA)
+    values = [good[0], b"\x00not avro", good[1], too_long, good[2], good[3]]
+    items, stopped = intake().prepare_many(sources(values))
+    assert stopped is None and [item.source.offset for item in items] == list(range(6))
+    assert [item.error is None for item in items] == [True, False, True, False, True, True]
+    assert isinstance(items[3].error, PromptTooLongError) and items[3].error.source is items[3].source
+    assert items[3].event_id == "evt-000007"  # decoded before its prompt failed: the id is kept
+    single = [intake().prepare(source) for source in sources(values)]
+    assert [item.prompt for item in items] == [item.prompt for item in single]
+
+
+def test_the_registry_down_stops_the_chunk_at_that_record_with_the_ones_before_it_prepared():
+    from processor.errors import RegistryUnavailableError
+
+    values = [CODEC.encode(make_event(i), EVENT_SCHEMA) for i in range(4)]
+    chunk = Intake(codec=RegistryDownAt(values[2]), prompts=PromptBuilder(RegexTokenizer(), 6144, 1536), max_event_bytes=1 << 22)
+    items, stopped = chunk.prepare_many(sources(values))
+    assert isinstance(stopped, RegistryUnavailableError)
+    assert [item.source.offset for item in items] == [0, 1] and all(item.prompt is not None for item in items)
+    with pytest.raises(RegistryUnavailableError):
+        chunk.prepare(sources(values)[2])

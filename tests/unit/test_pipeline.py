@@ -95,3 +95,23 @@ def test_the_pipeline_names_its_prompt_version_for_replay():
     expected = PromptBuilder(engine.tokenizer, settings.max_model_len, settings.sampling_max_tokens, settings.summary_language).version
     assert pipeline.prompt_version == expected
     pipeline.close()
+
+
+@pytest.mark.parametrize("mode", ["micro_batch", "continuous"])
+def test_submit_many_takes_more_than_a_chunk_in_order_with_a_bad_record_among_them(mode):
+    from processor.pipeline import INTAKE_CHUNK
+
+    settings = load_settings(generation_mode=mode, batch_max_records=8, batch_max_wait_ms=0, kafka_output_topic="out",
+                             kafka_dlq_topic="dlq")
+    engine = CountingEngine()
+    pipeline = make_pipeline(settings, engine, CODEC)
+    count = INTAKE_CHUNK + 5
+    values = [b"not avro" if i == INTAKE_CHUNK else CODEC.encode(make_event(i), EVENT_SCHEMA) for i in range(count)]
+    try:
+        taken, stopped = pipeline.submit_many([source(i, value) for i, value in enumerate(values)])
+        records = sorted(take_all(pipeline, count), key=lambda r: r.source.offset)
+    finally:
+        pipeline.close()
+    assert (taken, stopped) == (count, None)
+    assert [r.topic for r in records] == ["dlq" if i == INTAKE_CHUNK else "out" for i in range(count)]
+    assert set(engine.prompts_seen) == {f"evt-{i:06d}" for i in range(count) if i != INTAKE_CHUNK}

@@ -188,6 +188,8 @@ class SlowTokenizerProxy:
         self._hf = hf
 
     def __getattr__(self, name: str) -> Any:
+        if name == "backend_tokenizer":  # a slow tokenizer has no Rust backend to call directly
+            raise AttributeError(name)
         return getattr(self._hf, name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:

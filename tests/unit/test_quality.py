@@ -120,3 +120,55 @@ def test_summarize_prints_the_published_summary_with_its_signals():
     for line in lines:
         assert set(line["quality"]) >= {"cut_off", "loop_trimmed", "grounded_share", "language_mismatch", "prompt_echo"}
         assert not line["quality"]["language_mismatch"] and line["quality"]["grounded_share"] > 0.5  # extractive: copied
+
+
+# The signals as first written (one substring search of the whole source per word, one isalpha() per character):
+# the faster code must give the same numbers on inputs where its shortcuts could go wrong.
+def _reference_grounded_share(text, prompt):
+    import re
+
+    event = prompt.event
+    source = " ".join([event.query, *(f"{r.title} {r.snippet} {r.content or ''}" for r in event.results)]).lower()
+    hangul, han, kana = re.compile(r"[\uac00-\ud7a3]"), re.compile(r"[\u4e00-\u9fff]"), re.compile(r"[\u3040-\u30ff]")
+
+    def content(word):
+        return not word.isdigit() and len(word) >= (2 if hangul.match(word) or han.match(word) or kana.match(word) else 4)
+
+    words = [w for w in re.findall(r"\w+", text.lower()) if content(w)]
+    if not words:
+        return 1.0
+    return round(sum(1 for w in words if w in source or (hangul.match(w) and len(w) > 2 and w[:-1] in source)) / len(words), 3)
+
+
+def _reference_language_mismatch(text, language):
+    import re
+
+    sample = text[:2000]
+    letters = sum(1 for c in sample if c.isalpha())
+    if not letters:
+        return False
+    scripts = {"ko": (r"[\uac00-\ud7a3]",), "ja": (r"[\u3040-\u30ff]", r"[\u4e00-\u9fff]"), "zh": (r"[\u4e00-\u9fff]",)}
+    expected = sum(len(re.findall(p, sample)) for p in scripts.get(language.split("-")[0].lower(), (r"[A-Za-z\u00c0-\u024f]",)))
+    return expected / letters < 0.3
+
+
+TRICKY_SOURCE = validate_event(EVENT.model_dump() | {
+    "query": "ΟΔΟΣ'Α and İstanbul, (batteries) co-op self_driving",
+    "results": [r.model_dump() | {"snippet": "Lithium-ion «batteries»; e-mail: x@y.z … 서울은 크다. 東京の電池 ΣΟΦΟΣ."}
+                for r in EVENT.results],
+})
+TRICKY_SUMMARIES = [
+    "Batteries [1] and battery-powered cars; ion e-mail mail co-op cooperative self_driving driving. 2024 1234.",
+    "Οδος and οδοσ, istanbul İstanbul i̇stanbul, ΣΟΦΟΣ σοφοσ σοφος.",
+    "서울은 크다 서울 서울이 東京 東京の電池 電池 ᄀᄀ ㄱㄴ.",
+    "Ünïcödé wörds, « guillemets », full-width ＡＢＣＤ and ａｂｃｄ; stanbul anbul ithium.",
+    "", "[1] [2] a to of", "ｘ" * 10,
+]
+
+
+def test_grounded_share_and_language_match_the_first_implementation_on_tricky_text():
+    prompt = prompt_for(TRICKY_SOURCE)
+    for text in TRICKY_SUMMARIES:
+        assert grounded_share(text, prompt) == _reference_grounded_share(text, prompt), text
+        for language in ("en", "ko", "ja", "zh", "de-AT", "KO-kr"):
+            assert language_mismatch(text, language) == _reference_language_mismatch(text, language), (text, language)
