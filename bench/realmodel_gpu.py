@@ -37,7 +37,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from processor.metrics import Metrics  # noqa: E402
+from bench.io_bench import TimingMetrics  # noqa: E402
 from processor.quality import report  # noqa: E402
 
 DEFAULT_MODEL = "/root/.cache/ai-worker/models/SmolLM2-135M-Instruct"
@@ -100,19 +100,6 @@ def quality_shares(summaries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ one run
-class ClockedMetrics(Metrics):
-    """The Worker's metrics, plus the moment the first record was consumed: where the processor's clock starts."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.first_consumed: float | None = None
-
-    def consumed(self, tp: tuple[str, int]) -> None:
-        if self.first_consumed is None:
-            self.first_consumed = time.perf_counter()
-        super().consumed(tp)
-
-
 def run_processor(engine: Any, settings_overrides: dict[str, Any], events: list[dict[str, Any]],
                   limit_s: float) -> dict[str, Any]:
     """The full processor on `events` (embedded broker, fresh topics), then its summaries read back and scored."""
@@ -132,7 +119,7 @@ def run_processor(engine: Any, settings_overrides: dict[str, Any], events: list[
             kafka_dlq_topic=topics["dlq"], kafka_group_id=f"rm-{tag}", log_format="text", log_level="WARNING",
             **settings_overrides,
         )
-        metrics = ClockedMetrics()
+        metrics = TimingMetrics()  # its first_consumed starts the processor's clock
         worker = Worker(settings, engine, consumer_overrides=FAST_GROUP, metrics=metrics)
         started = time.perf_counter()
         exit_code = worker.run(until=lambda: worker.records_committed >= len(events) or time.perf_counter() - started > limit_s)

@@ -157,3 +157,11 @@ class RebalanceLog:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._consumer, name)
+
+
+PROSE_WORDS = "consumer lag grows when processing is slower than production and the partition backlog rises".split()
+
+
+def prose(words: int, offset: int = 0) -> str:
+    """`words` words of plain English text, starting `offset` words into a fixed sentence (prompt-packing tests)."""
+    return " ".join(PROSE_WORDS[(offset + i) % len(PROSE_WORDS)] for i in range(words)) + "."

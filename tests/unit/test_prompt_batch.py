@@ -12,26 +12,7 @@ from processor.engines.extractive import RegexTokenizer
 from processor.engines.hf_tokenizer import HFChatTokenizer
 from processor.events import SearchEvent, validate_event
 from processor.prompt import PromptBuilder, PromptTooLongError
-from tests.helpers import make_event
-
-WORDS = "consumer lag grows when processing is slower than production and the partition backlog rises".split()
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer(tiny_model_dir: Any) -> HFChatTokenizer:
-    from transformers import AutoTokenizer
-
-    return HFChatTokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
-
-
-@pytest.fixture(params=["hf", "regex"])
-def tokenizer(request: pytest.FixtureRequest) -> Any:
-    return request.getfixturevalue("hf_tokenizer") if request.param == "hf" else RegexTokenizer()
-
-
-def prose(words: int, offset: int = 0) -> str:
-    return " ".join(WORDS[(offset + i) % len(WORDS)] for i in range(words)) + "."
-
+from tests.helpers import make_event, prose
 
 def events() -> list[SearchEvent]:
     """Events that fit, ones cut to fit, one whose query alone is too long, one with control strings."""

@@ -31,30 +31,11 @@ from processor.prompt import (
     detect_language,
 )
 from processor.prompt_text import FORMAT_CHARS, language_tag
-from tests.helpers import make_event
+from tests.helpers import make_event, prose
 
 MAX_EVENT_BYTES = 4 * 1024 * 1024
 GUARD_S = 5.0  # catches the old quadratic packing (minutes), not a speed target
 BUDGET = 6144 - 1536
-WORDS = "consumer lag grows when processing is slower than production and the partition backlog rises".split()
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer(tiny_model_dir: Any) -> HFChatTokenizer:
-    from transformers import AutoTokenizer
-
-    return HFChatTokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
-
-
-@pytest.fixture(params=["hf", "regex"])
-def tokenizer(request: pytest.FixtureRequest) -> Any:
-    return request.getfixturevalue("hf_tokenizer") if request.param == "hf" else RegexTokenizer()
-
-
-def prose(words: int, offset: int = 0) -> str:
-    return " ".join(WORDS[(offset + i) % len(WORDS)] for i in range(words)) + "."
-
-
 def event(results: list[dict[str, Any]], query: str = "why does kafka consumer lag grow", **extra: Any) -> SearchEvent:
     raw = {"event_id": "e-1", "query": query, "collected_at": datetime(2026, 11, 1, tzinfo=timezone.utc), "results": results}
     return validate_event(raw | extra)
