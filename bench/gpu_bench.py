@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 import uuid
+import zlib
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -665,6 +666,16 @@ def build_engine(args: argparse.Namespace, settings: Any) -> Any:
     return VllmEngine.from_settings(settings, llm_factory=lambda **kw: vllm.LLM(**kw, num_gpu_blocks_override=args.fake_blocks))
 
 
+def event_seed(event_id: str) -> int:
+    """A request's sampling seed from its event id: the same event samples the same tokens in both runs of a pair."""
+    return zlib.crc32(event_id.encode("utf-8"))
+
+
+def seeded(override: Any) -> Any:
+    """`override` (a VllmEngine.sampling_override, or None) plus a per-event seed."""
+    return lambda prompt: {**(override(prompt) if override else {}), "seed": event_seed(prompt.event.event_id)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
@@ -693,6 +704,10 @@ def main() -> int:
                         help="BATCH_MAX_RECORDS for (b, c) with --skip-sweep; 0: the window the KV cache holds")
     parser.add_argument("--long-tail", action="store_true",
                         help="vLLM: per-event output lengths drawn like real summaries (max_tokens with ignore_eos)")
+    parser.add_argument("--seed-per-event", action="store_true",
+                        help="vLLM: each request sampled with a seed made from its event id, so the processor and the "
+                             "engine alone generate the same lengths for the same event (natural lengths: a pair compares "
+                             "like with like)")
     parser.add_argument("--repeats", type=int, default=1, help="(b, c): processor/engine-alone pairs, back to back; the median pair is reported")
     parser.add_argument("--pair-seconds", type=float, default=0.0,
                         help="size each run so a pair takes about this long, from the engine alone's speed (0: --processor-events)")
@@ -778,6 +793,10 @@ def main() -> int:
             lengths.update({f"cal-{mode}-{i:05d}": lengths[p.event.event_id] for i, p in enumerate(prompts)})
         # Events not in the list (the worker's warm-up prompt) get a short answer.
         engine.sampling_override = lambda p: {"max_tokens": lengths.get(p.event.event_id, 32), "ignore_eos": True}
+    if args.seed_per_event:
+        if not hasattr(engine, "sampling_override"):
+            raise SystemExit("--seed-per-event needs --engine vllm (per-request sampling parameters)")
+        engine.sampling_override = seeded(engine.sampling_override)
     sweep: list[dict[str, Any]] = []
     speedup = None
     batch = args.batch

@@ -57,7 +57,7 @@ COMMON=(--engine vllm --skip-sweep --modes micro_batch,continuous --repeats "$PA
 args_for() {
   case "$1" in
     qwen05b) echo "--model $M05 --quantization= --long-tail --prompt-tokens 1500 --batch 64 --processor-events 1024";;
-    smollm2) echo "--model $SMOL --quantization= --new-tokens 1536 --max-model-len 6144 --prompt-tokens 1500 --batch 64 --processor-events 1024${EVENTS_FILE:+ --events-file $EVENTS_FILE}";;
+    smollm2) echo "--model $SMOL --quantization= --seed-per-event --new-tokens 1536 --max-model-len 6144 --prompt-tokens 1500 --batch 64 --processor-events 1024${EVENTS_FILE:+ --events-file $EVENTS_FILE}";;
     qwen7b) echo "--model $M7 --load-format dummy --quantization= --long-tail --prompt-tokens 2000 --batch 64 --processor-events 512";;
     qwen7b-awq) echo "--model $M7A --load-format dummy --quantization=$AWQ_QUANT --gpu-memory-utilization 0.085 --long-tail --prompt-tokens 2000 --batch 0 --processor-events 512";;
   esac
@@ -65,7 +65,7 @@ args_for() {
 label_for() {
   case "$1" in
     qwen05b) echo "random Qwen2.5-0.5B arch, long-tail lengths";;
-    smollm2) echo "SmolLM2-135M-Instruct, natural lengths${EVENTS_FILE:+, corpus events}";;
+    smollm2) echo "SmolLM2-135M-Instruct, natural lengths (seed per event)${EVENTS_FILE:+, corpus events}";;
     qwen7b) echo "Qwen2.5-7B arch, dummy weights, bf16";;
     qwen7b-awq) echo "Qwen2.5-7B arch, dummy weights, AWQ${AWQ_QUANT:+ ($AWQ_QUANT)}, gpu_memory_utilization 0.085";;
   esac

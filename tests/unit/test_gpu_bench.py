@@ -19,6 +19,7 @@ from bench.gpu_bench import (
     mode_summary,
     pair_row,
     pair_seconds_for,
+    seeded,
     table_line,
 )
 from processor.events import validate_event
@@ -98,3 +99,15 @@ def test_micro_batch_steps_are_counted_on_the_engine_under_llm_within_a_window()
     assert counter.between(before, middle) == 3
     assert counter.between(before, time.perf_counter()) == 4
     assert StepCounter(SimpleNamespace()).between(0.0, time.perf_counter()) == 0  # Transformers: nothing to count
+
+
+def test_a_seed_per_event_is_the_same_for_an_event_in_both_runs_and_keeps_the_other_overrides() -> None:
+    def prompt(event_id: str) -> Any:
+        return SimpleNamespace(event=SimpleNamespace(event_id=event_id))
+
+    override = seeded(lambda p: {"max_tokens": 7, "ignore_eos": True})
+    first, again, other = override(prompt("e-1")), override(prompt("e-1")), override(prompt("e-2"))
+    assert first == again and first["max_tokens"] == 7 and first["ignore_eos"] is True
+    assert first["seed"] != other["seed"]
+    assert seeded(None)(prompt("e-1"))["seed"] == first["seed"]
+
