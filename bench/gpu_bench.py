@@ -402,6 +402,10 @@ def processor_vs_engine(engine: Any, settings_overrides: dict[str, Any], events:
         "engine_only_thread_seconds": round(thread_seconds, 3),
         "engine_only_main_thread_seconds": round(main_seconds, 3) if main_durations else None,
         "generate_seconds_in_processor": [round(end - start, 3) for _, start, end in recording.calls],
+        # The run's edges, outside the engine's span: the first batch's fill (first record read to its generate())
+        # and the last batch's publish and commit; the same cost whatever the run's length.
+        "first_fill_seconds": round(recording.calls[0][1] - started, 3),
+        "last_commit_seconds": round(ended - recording.calls[-1][2], 3),
         "generate_seconds_alone_thread": [round(d, 3) for d in thread_durations],
         "generate_seconds_alone_main": [round(d, 3) for d in main_durations],
         "process_cpu_seconds_processor": round(processor_cpu, 2),
@@ -443,6 +447,8 @@ def processor_vs_engine_continuous(engine: Any, settings_overrides: dict[str, An
         "dead_letters": dead,
         "processor_seconds": round(processor_seconds, 3),
         "processor_seconds_engine_span": round(last_step - first_add, 3),
+        "first_fill_seconds": round(first_add - started, 3),
+        "last_commit_seconds": round(ended - last_step, 3),
         "engine_only_seconds": round(alone_seconds, 3),
         "completion_tokens": recording.completion_tokens,
         "engine_only_completion_tokens": alone_tokens,
@@ -605,7 +611,10 @@ def run_pairs(engine: Any, args: argparse.Namespace, modes: list[str], overrides
         for mode in modes:
             mode_overrides = dict(overrides, generation_mode=mode)
             settings = load_settings(**mode_overrides)
-            block: dict[str, Any] = {"batch": batch, "events_per_run": min(args.processor_events, len(pool)), "pairs": [],
+            # Whole batches: a last, partial micro-batch would wait BATCH_MAX_WAIT_MS for records that never come.
+            fixed = min(args.processor_events, len(pool))
+            fixed = fixed // batch * batch if fixed >= batch else fixed
+            block: dict[str, Any] = {"batch": batch, "events_per_run": fixed, "pairs": [],
                                      "runs": [], "skipped_pairs": 0}
             blocks[mode] = block
             if args.pair_seconds:

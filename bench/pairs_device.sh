@@ -17,6 +17,8 @@
 # A device command may run 10 minutes at most: split the run there, e.g.
 #   ONLY="qwen05b smollm2" TOTAL_S=520 bash bench/pairs_device.sh DIR; ONLY="qwen7b qwen7b-awq" TOTAL_S=540 bash ...
 # (each call's models share its TOTAL_S; a model ends at most 45 s past its share; the summary covers both calls).
+# PAIR_S=0 skips the sizing: every run takes the model's EVENTS_<model> (BATCH_<model>: its batch / window; 0 for the
+# window the KV cache holds), e.g. PAIR_S=0 EVENTS_qwen7b=160 BATCH_qwen7b=160 ONLY=qwen7b bash bench/pairs_device.sh.
 # Usage: bash bench/pairs_device.sh [SMOLLM2_DIR]        (SMOLLM2_DIR or SMOL_MODEL: the SmolLM2 folder; without
 #        it model 2 is skipped). ONLY="qwen05b smollm2" runs a subset. FAKE=1: a CPU smoke run of this script on the
 #        vLLM 0.6.3 test double with a toy 0.5B stand-in (no kit, figures meaningless).
@@ -56,10 +58,10 @@ COMMON=(--engine vllm --skip-sweep --modes micro_batch,continuous --repeats "$PA
 [ -z "$FAKE" ] || COMMON+=(--fake)
 args_for() {
   case "$1" in
-    qwen05b) echo "--model $M05 --quantization= --long-tail --prompt-tokens 1500 --batch 64 --processor-events 1024";;
-    smollm2) echo "--model $SMOL --quantization= --seed-per-event --new-tokens 1536 --max-model-len 6144 --prompt-tokens 1500 --batch 64 --processor-events 1024${EVENTS_FILE:+ --events-file $EVENTS_FILE}";;
-    qwen7b) echo "--model $M7 --load-format dummy --quantization= --long-tail --prompt-tokens 2000 --batch 64 --processor-events 512";;
-    qwen7b-awq) echo "--model $M7A --load-format dummy --quantization=$AWQ_QUANT --gpu-memory-utilization 0.085 --long-tail --prompt-tokens 2000 --batch 0 --processor-events 512";;
+    qwen05b) echo "--model $M05 --quantization= --long-tail --prompt-tokens 1500 --batch ${BATCH_qwen05b:-64} --processor-events ${EVENTS_qwen05b:-1024}";;
+    smollm2) echo "--model $SMOL --quantization= --seed-per-event --new-tokens 1536 --max-model-len 6144 --prompt-tokens 1500 --batch ${BATCH_smollm2:-64} --processor-events ${EVENTS_smollm2:-1024}${EVENTS_FILE:+ --events-file $EVENTS_FILE}";;
+    qwen7b) echo "--model $M7 --load-format dummy --quantization= --long-tail --prompt-tokens 2000 --batch ${BATCH_qwen7b:-64} --processor-events ${EVENTS_qwen7b:-512}";;
+    qwen7b-awq) echo "--model $M7A --load-format dummy --quantization=$AWQ_QUANT --gpu-memory-utilization 0.085 --long-tail --prompt-tokens 2000 --batch ${BATCH_qwen7b_awq:-0} --processor-events ${EVENTS_qwen7b_awq:-512}";;
   esac
 }
 label_for() {
