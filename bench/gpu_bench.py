@@ -365,12 +365,20 @@ def run_worker(broker: EmbeddedBroker, engine: Any, settings_overrides: dict[str
 
 def processor_vs_engine(engine: Any, settings_overrides: dict[str, Any], events: list[dict[str, Any]], batch: int,
                         also_main_thread: bool = True, broker: EmbeddedBroker | None = None,
-                        counter: StepCounter | None = None) -> dict[str, Any]:
+                        counter: StepCounter | None = None, alone_first: list[list[Prompt]] | None = None,
+                        replay_out: list[list[Prompt]] | None = None) -> dict[str, Any]:
     """micro_batch: the engine alone replays the processor's batches on a thread (as the loop runs it) and, with
-    `also_main_thread`, on the main thread too; the faster of the two is the engine's figure."""
+    `also_main_thread`, on the main thread too; the faster of the two is the engine's figure. `alone_first`: the
+    engine alone runs first, on these batches (an earlier processor run's of the same events), then the processor —
+    pairs alternating the order cancel a drift of the engine's speed over the pairs. `replay_out` receives this
+    processor run's batches (for such a later pair)."""
     if settings_overrides.get("generation_mode") == "continuous":
-        return processor_vs_engine_continuous(engine, settings_overrides, events, batch, broker)
+        return processor_vs_engine_continuous(engine, settings_overrides, events, batch, broker, alone_first, replay_out)
     recording = RecordingEngine(engine)
+    if alone_first is not None:
+        cpu_before = time.process_time()
+        alone = replay_batches(engine, alone_first, in_thread=True)
+        replay_cpu = time.process_time() - cpu_before
     with Broker(broker) as live:
         _, started, ended, processor_cpu, dead = run_worker(live, recording, settings_overrides, events, batch)
         processor_seconds = ended - started
@@ -380,13 +388,17 @@ def processor_vs_engine(engine: Any, settings_overrides: dict[str, Any], events:
         if generated != len(events):
             raise RuntimeError(f"only {generated} of {len(events)} events reached the engine; dead letters: {dead}")
         batches = [p for p, _, _ in recording.calls]
-        # The engine alone on exactly the batches the processor formed, the broker still up: on a worker thread as
-        # the loop runs it, and on the main thread.
-        cpu_before = time.process_time()
-        alone = replay_batches(engine, batches, in_thread=True)
-        replay_cpu = time.process_time() - cpu_before
+        if replay_out is not None:
+            replay_out[:] = batches
+        if alone_first is None:
+            # The engine alone on exactly the batches the processor formed, the broker still up: on a worker thread
+            # as the loop runs it, and on the main thread.
+            cpu_before = time.process_time()
+            alone = replay_batches(engine, batches, in_thread=True)
+            replay_cpu = time.process_time() - cpu_before
     thread_seconds, thread_durations = alone.seconds, alone.durations
-    main_seconds, main_durations = replay(engine, batches, in_thread=False) if also_main_thread else (float("inf"), [])
+    main_seconds, main_durations = (replay(engine, batches, in_thread=False) if also_main_thread and alone_first is None
+                                    else (float("inf"), []))
     engine_seconds = min(thread_seconds, main_seconds)
     busy = sum(end - start for _, start, end in recording.calls)
     span = recording.calls[-1][2] - recording.calls[0][1]
@@ -394,6 +406,7 @@ def processor_vs_engine(engine: Any, settings_overrides: dict[str, Any], events:
     steps_alone = counter.between(alone.started, alone.started + alone.seconds) if counter else 0
     return {
         "mode": "micro_batch",
+        "order": "engine alone first" if alone_first is not None else "processor first",
         "events": len(events),
         "dead_letters": dead,
         "batches": [len(p) for p in batches],
@@ -424,25 +437,38 @@ def processor_vs_engine(engine: Any, settings_overrides: dict[str, Any], events:
 
 
 def processor_vs_engine_continuous(engine: Any, settings_overrides: dict[str, Any], events: list[dict[str, Any]], batch: int,
-                                   broker: EmbeddedBroker | None = None) -> dict[str, Any]:
+                                   broker: EmbeddedBroker | None = None, alone_first: list[list[Prompt]] | None = None,
+                                   replay_out: list[list[Prompt]] | None = None) -> dict[str, Any]:
     """(b, c) with GENERATION_MODE=continuous: the processor feeds the engine through its ContinuousFeed; the engine
-    alone is a ContinuousFeed given the very same prompts at once."""
+    alone is a ContinuousFeed given the very same prompts at once (`alone_first`: before the processor, the prompts
+    of an earlier processor run of the same events)."""
+    max_new_tokens = load_settings(**settings_overrides).sampling_max_tokens
+
+    def alone(prompts: list[Prompt]) -> tuple[float, int, float, list[tuple[float, float, int]]]:
+        cpu_before = time.process_time()
+        alone_steps: list[tuple[float, float, int]] = []
+        seconds, tokens = feed_alone(engine, prompts, max_new_tokens, window=batch, steps=alone_steps)
+        return seconds, tokens, time.process_time() - cpu_before, alone_steps
+
+    if alone_first is not None:
+        alone_seconds, alone_tokens, alone_cpu, alone_steps = alone(alone_first[0])
     recording = StreamingRecordingEngine(engine)
     with Broker(broker) as live:
         settings, started, ended, processor_cpu, dead = run_worker(live, recording, settings_overrides, events, batch)
     prompts = list(recording.added)
     if len(prompts) != len(events):
         raise RuntimeError(f"{len(prompts)} of {len(events)} events reached the engine")
+    if replay_out is not None:
+        replay_out[:] = [prompts]
     steps = [s for s in recording.steps if s[0] >= started]
     first_add = steps[0][0] if steps else started
     last_step = steps[-1][1] if steps else ended
-    cpu_before = time.process_time()
-    alone_steps: list[tuple[float, float, int]] = []
-    alone_seconds, alone_tokens = feed_alone(engine, prompts, settings.sampling_max_tokens, window=batch, steps=alone_steps)
-    alone_cpu = time.process_time() - cpu_before
+    if alone_first is None:
+        alone_seconds, alone_tokens, alone_cpu, alone_steps = alone(prompts)
     processor_seconds = ended - started
     return {
         "mode": "continuous",
+        "order": "engine alone first" if alone_first is not None else "processor first",
         "events": len(events),
         "dead_letters": dead,
         "processor_seconds": round(processor_seconds, 3),
@@ -606,6 +632,7 @@ def run_pairs(engine: Any, args: argparse.Namespace, modes: list[str], overrides
     --stop-at. One broker and one engine serve them all."""
     counter = StepCounter(engine)
     blocks: dict[str, dict[str, Any]] = {}
+    replays: dict[str, list[list[Prompt]]] = {}  # each mode's last processor run's batches (prompts)
     late = lambda seconds: bool(args.stop_at) and time.time() + seconds > args.stop_at  # noqa: E731
     with EmbeddedBroker() as broker:
         for mode in modes:
@@ -617,13 +644,20 @@ def run_pairs(engine: Any, args: argparse.Namespace, modes: list[str], overrides
             block: dict[str, Any] = {"batch": batch, "events_per_run": fixed, "pairs": [],
                                      "runs": [], "skipped_pairs": 0}
             blocks[mode] = block
+            if late(CALIBRATION_MIN_S):
+                print(f"    {mode}: no time left to warm up; skipped", flush=True)
+                block["events_per_run"] = 0
+                continue
             if args.pair_seconds:
                 cal_events = renamed(pool[: min(len(pool), 2 * batch)], f"cal-{mode}")
-                if late(CALIBRATION_MIN_S):
-                    print(f"    {mode}: no time left to calibrate; skipped", flush=True)
-                    block["events_per_run"] = 0
-                    continue
                 block["calibration"] = calibrate(engine, mode, cal_events, settings, batch)
+            else:
+                # Sizes are given: one batch alone as the warm-up of this mode's path at this batch's shape (measured
+                # on an H200: without it the first run of a mode paid 6-7 s more in its first generate(), the same
+                # number of engine steps, whichever side ran first).
+                block["warm_up"] = calibrate(engine, mode, renamed(pool[: min(len(pool), batch)], f"cal-{mode}"), settings, batch)
+                print(f"    {mode}: warm-up, engine alone {block['warm_up']['events_per_s']:.2f} events/s on "
+                      f"{block['warm_up']['events']} events", flush=True)
         if args.pair_seconds:  # every mode's pairs fitted in the time left, at most --pair-seconds each
             calibrated = [b for b in blocks.values() if "calibration" in b]
             left = args.stop_at - time.time() if args.stop_at else None
@@ -647,13 +681,20 @@ def run_pairs(engine: Any, args: argparse.Namespace, modes: list[str], overrides
                     print(f"    pair {repetition + 1}/{args.repeats} {mode}: skipped (would end after --stop-at)", flush=True)
                     continue
                 started = time.perf_counter()
+                # Every second pair runs the engine alone first (on the previous run's prompts: the same events), so
+                # that a drift of the engine's speed over the pairs favours neither side.
+                alone_first = replays.get(mode) if repetition % 2 == 1 else None
+                replays[mode] = []
                 run = processor_vs_engine(engine, dict(overrides, generation_mode=mode), pool[: block["events_per_run"]], batch,
-                                          also_main_thread=args.repeats == 1, broker=broker, counter=counter)
+                                          also_main_thread=args.repeats == 1, broker=broker, counter=counter,
+                                          alone_first=alone_first, replay_out=replays[mode])
                 row = pair_row(run, time.perf_counter() - started)
+                row["order"] = run["order"]
                 block["runs"].append(run)
                 block["pairs"].append(row)
                 block["median"] = mode_summary(block["pairs"])
-                print(f"    pair {repetition + 1}/{args.repeats} {mode:<11}: ratio {row['ratio']:.3f}, tokens/s ratio "
+                print(f"    pair {repetition + 1}/{args.repeats} {mode:<11}: ratio {row['ratio']:.3f}"
+                      f"{' (engine alone first)' if alone_first is not None else ''}, tokens/s ratio "
                       f"{row['tokens_per_s_ratio']}, steps ratio {row['engine_steps_ratio']}, CPU s {row['cpu_s']} vs "
                       f"{row['cpu_s_alone']}, {row['events_per_s']} vs {row['events_per_s_alone']} events/s, "
                       f"{row['tokens_per_s']} vs {row['tokens_per_s_alone']} tokens/s, pair {row['pair_wall_seconds']} s", flush=True)

@@ -1,0 +1,35 @@
+"""bench/gpu_bench.py's pairs on the vLLM 0.6.3 double and the test broker: a pair can run the engine alone first, on
+an earlier processor run's prompts of the same events (pairs alternate the order, so a drift of the engine's speed
+over a series of pairs favours neither side)."""
+
+from __future__ import annotations
+
+import pytest
+
+from processor.engines import create_engine
+from processor.settings import load_settings
+from tests.helpers import make_event
+
+
+@pytest.mark.parametrize("mode", ["micro_batch", "continuous"])
+def test_a_pair_runs_the_engine_alone_first_on_the_previous_runs_prompts(broker, fake_vllm, tiny_model_dir, mode):
+    from bench.gpu_bench import processor_vs_engine
+
+    overrides = {"engine": "vllm", "vllm_model": str(tiny_model_dir), "sampling_max_tokens": 16,
+                 "vllm_max_model_len": 2048, "generation_mode": mode}
+    engine = create_engine(load_settings(**overrides))
+    events = [make_event(i) for i in range(8)]
+
+    first: list = []
+    run = processor_vs_engine(engine, overrides, events, 4, also_main_thread=False, broker=broker, replay_out=first)
+    assert run["order"] == "processor first"
+    assert sorted(p.event.event_id for batch in first for p in batch) == sorted(e["event_id"] for e in events)
+
+    second: list = []
+    again = processor_vs_engine(engine, overrides, events, 4, also_main_thread=False, broker=broker,
+                                alone_first=first, replay_out=second)
+    assert again["order"] == "engine alone first"
+    # The engine alone ran the first run's prompts: the same work as both processor runs did.
+    assert again["engine_only_completion_tokens"] == run["engine_only_completion_tokens"] == again["completion_tokens"]
+    assert again["events"] == 8 and again["processor_events_per_s"] > 0
+    assert sorted(p.event.event_id for batch in second for p in batch) == sorted(e["event_id"] for e in events)
