@@ -61,6 +61,7 @@ from processor.ops.broker import EmbeddedBroker, ensure_topics  # noqa: E402
 from processor.engines.base import Generation, Prompt  # noqa: E402
 from processor.events import validate_event  # noqa: E402
 from processor.loop import Worker  # noqa: E402
+from processor.pipeline import reserved_new_tokens  # noqa: E402
 from processor.prompt import PromptBuilder  # noqa: E402
 from processor.settings import load_settings  # noqa: E402
 from processor.ops.tools import produce_events  # noqa: E402
@@ -442,7 +443,7 @@ def processor_vs_engine_continuous(engine: Any, settings_overrides: dict[str, An
     """(b, c) with GENERATION_MODE=continuous: the processor feeds the engine through its ContinuousFeed; the engine
     alone is a ContinuousFeed given the very same prompts at once (`alone_first`: before the processor, the prompts
     of an earlier processor run of the same events)."""
-    max_new_tokens = load_settings(**settings_overrides).sampling_max_tokens
+    max_new_tokens = reserved_new_tokens(load_settings(**settings_overrides))  # what the processor's feed reserves
 
     def alone(prompts: list[Prompt]) -> tuple[float, int, float, list[tuple[float, float, int]]]:
         cpu_before = time.process_time()
@@ -542,7 +543,7 @@ def calibrate(engine: Any, mode: str, events: list[dict[str, Any]], settings: An
     builder = PromptBuilder(engine.tokenizer, settings.max_model_len, settings.sampling_max_tokens, settings.summary_language)
     prompts = [builder.build(validate_event(e)) for e in events]
     if mode == "continuous":
-        seconds, tokens = feed_alone(engine, prompts, settings.sampling_max_tokens, window=batch)
+        seconds, tokens = feed_alone(engine, prompts, reserved_new_tokens(settings), window=batch)
     else:
         alone = replay_batches(engine, [prompts[i : i + batch] for i in range(0, len(prompts), batch)], in_thread=True)
         seconds, tokens = alone.seconds, alone.tokens
@@ -766,6 +767,9 @@ def main() -> int:
     parser.add_argument("--switch-interval-ms", type=float, default=None,
                         help="the GIL switch interval for the whole run, the Worker's included (its own: "
                              "processor.loop.GIL_SWITCH_INTERVAL_S, 1 ms; CPython's default: 5 ms)")
+    parser.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
+                        help="a worker setting for the processor runs (and the engine alone where it applies), e.g. "
+                             "--set continuous_reserve_new_tokens=512; repeatable")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     if args.switch_interval_ms is not None:
@@ -808,6 +812,9 @@ def main() -> int:
         overrides["transformers_model"] = model_dir
     elif model_dir:
         overrides["vllm_model"] = model_dir
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key.strip().lower()] = value.strip()  # the settings model parses it, as from the environment
     for flag, key in (("load_format", "vllm_load_format"), ("quantization", "vllm_quantization"),
                       ("gpu_memory_utilization", "vllm_gpu_memory_utilization")):
         if getattr(args, flag) is not None:

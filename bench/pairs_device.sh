@@ -57,6 +57,8 @@ fi
 COMMON=(--engine vllm --skip-sweep --modes micro_batch,continuous --repeats "$PAIRS" --pair-seconds "$PAIR_S" --out "$OUT")
 [ -z "$FAKE" ] || COMMON+=(--fake)
 args_for() {
+  local extra="EXTRA_${1//-/_}"  # EXTRA_<model>: more gpu_bench arguments, e.g. EXTRA_qwen7b_awq="--set continuous_reserve_new_tokens=512"
+  echo -n "${!extra:-} "
   case "$1" in
     qwen05b) echo "--model $M05 --quantization= --long-tail --prompt-tokens 1500 --batch ${BATCH_qwen05b:-64} --processor-events ${EVENTS_qwen05b:-1024}";;
     smollm2) echo "--model $SMOL --quantization= --seed-per-event --new-tokens 1536 --max-model-len 6144 --prompt-tokens 1500 --batch ${BATCH_smollm2:-64} --processor-events ${EVENTS_smollm2:-1024}${EVENTS_FILE:+ --events-file $EVENTS_FILE}";;
@@ -65,6 +67,8 @@ args_for() {
   esac
 }
 label_for() {
+  local extra="EXTRA_${1//-/_}"
+  echo -n "${!extra:+[${!extra}] }"
   case "$1" in
     qwen05b) echo "random Qwen2.5-0.5B arch, long-tail lengths";;
     smollm2) echo "SmolLM2-135M-Instruct, natural lengths (seed per event)${EVENTS_FILE:+, corpus events}";;

@@ -10,7 +10,9 @@ Admission keeps the engine inside its budget (InFlightBudget, from the KV cache 
 costs its prompt tokens + max_new_tokens (rounded up to whole KV blocks) and one sequence, and is admitted while
 both fit, in submission order (a large request is never overtaken, so it cannot starve). One request is always
 admitted when nothing is in flight, so a request larger than the whole budget still runs (alone). Reserving the
-worst case for every request in flight means vLLM never has to preempt (and recompute) for lack of cache.
+worst case for every request in flight (max_new_tokens = SAMPLING_MAX_TOKENS, the default) means vLLM never has to
+preempt (and recompute) for lack of cache; CONTINUOUS_RESERVE_NEW_TOKENS reserves less, admitting more at once and
+leaving the rest to vLLM's own scheduler, which preempts when the cache runs out.
 
 Threading: one thread makes every engine call (add_request, step, abort, generate via run_exclusive). It is
 long-lived because CUDA libraries keep per-thread state (handles, workspaces): a fresh thread per batch was

@@ -175,7 +175,9 @@ def make_pipeline(settings: Settings, engine: Engine, codec: Codec, *, max_recor
         return Pipeline(intake=intake, scheduler=scheduler, records=records, window=lambda: scheduler.capacity,
                         probe_prompt=probe, warm_up_copies=copies)
     continuous_only = [name for name, value in (("CONTINUOUS_MAX_UNCOMMITTED", settings.continuous_max_uncommitted),
-                                                 ("CONTINUOUS_REFILL_MIN", settings.continuous_refill_min)) if value is not None]
+                                                 ("CONTINUOUS_REFILL_MIN", settings.continuous_refill_min),
+                                                 ("CONTINUOUS_RESERVE_NEW_TOKENS", settings.continuous_reserve_new_tokens))
+                       if value is not None]
     if continuous_only:
         log.warning("ignored in micro_batch mode (GENERATION_MODE=continuous settings): %s", ", ".join(continuous_only))
     batcher = MicroBatcher(limits.max_records, settings.batch_max_wait_ms / 1000, limits.max_prompt_tokens)
@@ -184,6 +186,14 @@ def make_pipeline(settings: Settings, engine: Engine, codec: Codec, *, max_recor
     copies = max(1, min(limits.max_records, MAX_WARM_UP_COPIES)) if has_kv_cache else 1
     return Pipeline(intake=intake, scheduler=micro, records=records, window=lambda: limits.max_records,
                     probe_prompt=probe, warm_up_copies=copies, log_batches=True)
+
+
+def reserved_new_tokens(settings: Settings) -> int:
+    """New tokens the continuous feed counts against the KV budget per request in flight: the whole SAMPLING_MAX_TOKENS
+    (never preempted) unless CONTINUOUS_RESERVE_NEW_TOKENS asks for less."""
+    if settings.continuous_reserve_new_tokens is None:
+        return settings.sampling_max_tokens
+    return min(settings.continuous_reserve_new_tokens, settings.sampling_max_tokens)
 
 
 def _continuous(settings: Settings, engine: Engine, limits: BatchLimits, probe: Prompt) -> ContinuousScheduler:
@@ -199,7 +209,7 @@ def _continuous(settings: Settings, engine: Engine, limits: BatchLimits, probe: 
     # on vLLM V1 a step holding a prefill runs outside the decode CUDA graphs (bench/vllm_modes.py: window 64,
     # refilling 8 at a time: 1.63x micro-batches instead of 1.35x).
     refill = settings.continuous_refill_min or max(1, window // 8)
-    feed = ContinuousFeed(engine, budget=budget, max_new_tokens=settings.sampling_max_tokens,
+    feed = ContinuousFeed(engine, budget=budget, max_new_tokens=reserved_new_tokens(settings),
                           max_sequences_default=limits.max_records, refill_min=refill)
     # Out-of-order completion: the commit policy bounds what is read but not yet committed (and so what a crash can
     # duplicate); a bound below what the engine holds starves the engine, so it is named.

@@ -117,6 +117,12 @@ class Settings(BaseSettings):
         None, ge=1, description="continuous: records read but not yet committed, at most (the duplicate bound after a "
         "crash; default: 8 in-flight windows)",
     )
+    continuous_reserve_new_tokens: int | None = Field(
+        None, ge=0, description="continuous: new tokens counted against the KV budget for each request in flight "
+        "(default: SAMPLING_MAX_TOKENS, so vLLM never has to preempt). Lower admits more requests at once — vLLM's "
+        "own policy is 0: admit while the prompt fits — and vLLM preempts and later recomputes a request when the "
+        "cache runs out: more throughput when most summaries are far shorter than the cap",
+    )
     continuous_loop_check_tokens: int = Field(
         0, ge=0, description="continuous, ENGINE=vllm: every this many new tokens, look for a repetition loop in a "
         "request's text so far and stop it there (finish_reason loop), its GPU time returned to others; vLLM then "

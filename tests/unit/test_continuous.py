@@ -164,6 +164,18 @@ def test_the_budget_holds_at_every_step_and_everything_finishes_once(feeds):
     assert len(engine.threads) == 1 and threading.get_ident() not in engine.threads, "one feed thread makes every call"
 
 
+@pytest.mark.parametrize("reserve, most_in_flight", [(100, 3), (0, 6)])
+def test_a_smaller_new_token_reserve_admits_more_requests_at_once(feeds, reserve, most_in_flight):
+    # 100-token prompts in 600 KV tokens: reserving 100 new tokens each, three fit; reserving none (vLLM's own policy,
+    # which then preempts when the cache runs out), six — while the sequence limit (8) still holds.
+    engine = RecordingEngine(InFlightBudget(max_sequences=8, kv_tokens=600))
+    feed = feeds(engine, max_new_tokens=reserve)
+    prompts = {f"r{i}": sized(100, 5, f"r{i}") for i in range(12)}
+    submit_all(feed, prompts)
+    assert set(collect(feed, len(prompts))) == set(prompts)
+    assert max(s for s, _ in engine.steps) == most_in_flight
+
+
 def test_requests_finish_out_of_order_and_freed_room_is_refilled_at_once(feeds):
     engine = RecordingEngine()
     feed = feeds(engine, budget=InFlightBudget(max_sequences=3, kv_tokens=10**9))

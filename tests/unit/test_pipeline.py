@@ -8,7 +8,8 @@ import pytest
 
 from processor.codec import EVENT_SCHEMA, AvroCodec
 from processor.engines.extractive import ExtractiveEngine
-from processor.pipeline import make_pipeline
+from processor.engines.base import InFlightBudget
+from processor.pipeline import make_pipeline, reserved_new_tokens
 from processor.settings import load_settings
 from processor.source import SourceRecord
 from tests.helpers import make_event
@@ -84,6 +85,26 @@ def test_the_window_is_the_batch_in_micro_batch_mode_and_what_the_engine_holds_i
     finally:
         micro.close()
         continuous.close()
+
+
+class BudgetedExtractive(ExtractiveEngine):
+    """The extractive engine reporting a KV cache, as vLLM does: 64 sequences, 10,000 tokens."""
+
+    def in_flight_budget(self) -> InFlightBudget:
+        return InFlightBudget(max_sequences=64, kv_tokens=10_000)
+
+
+@pytest.mark.parametrize("reserve, window", [(None, 10_000 // (2 * 1536)), (100, 10_000 // (2 * 100)), (5000, 10_000 // (2 * 1536))])
+def test_continuous_reserve_new_tokens_sets_what_each_request_in_flight_counts_against_the_kv_cache(reserve, window):
+    # The window starts from a request's expected cost (twice the reserve, before any prompt is seen): the whole
+    # SAMPLING_MAX_TOKENS (1,536) by default, CONTINUOUS_RESERVE_NEW_TOKENS when set, never more than the cap.
+    settings = load_settings(generation_mode="continuous", continuous_reserve_new_tokens=reserve)
+    assert reserved_new_tokens(settings) == min(reserve if reserve is not None else 1536, 1536)
+    pipeline = make_pipeline(settings, BudgetedExtractive(), CODEC)
+    try:
+        assert pipeline.window() == window
+    finally:
+        pipeline.close()
 
 
 def test_the_pipeline_names_its_prompt_version_for_replay():
