@@ -654,8 +654,8 @@ def run_pairs(engine: Any, args: argparse.Namespace, modes: list[str], overrides
                 block["calibration"] = calibrate(engine, mode, cal_events, settings, batch)
             else:
                 # Sizes are given: one batch alone as the warm-up of this mode's path at this batch's shape (measured
-                # on an H200: without it the first run of a mode paid 6-7 s more in its first generate(), the same
-                # number of engine steps, whichever side ran first).
+                # on an H200: without it the first processor run paid 6-7 s more in its first generate() than the
+                # same batch alone right after, with the same number of engine steps).
                 block["warm_up"] = calibrate(engine, mode, renamed(pool[: min(len(pool), batch)], f"cal-{mode}"), settings, batch)
                 print(f"    {mode}: warm-up, engine alone {block['warm_up']['events_per_s']:.2f} events/s on "
                       f"{block['warm_up']['events']} events", flush=True)
