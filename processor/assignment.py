@@ -25,6 +25,10 @@ from processor.settings import Settings
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.1
+# While outputs are on their way to the broker the loop waits this long at most for an acknowledgement (it returns as
+# soon as one arrives) instead of polling the consumer back to back with no timeout: that spin held the interpreter
+# the engine's thread needs — ~4,000 empty loop turns a second in continuous mode on the embedded broker.
+ACK_WAIT_S = 0.005
 PAUSE_AFTER_S = 0.5  # far below any max.poll.interval.ms librdkafka accepts (≥ 1 s)
 # A stop during the group join waits this long at most for the join to complete, so the member can leave the group
 # cleanly: mid-join, librdkafka's LeaveGroup waits behind the broker's pending JoinGroup and times out after 5 s
@@ -69,8 +73,11 @@ class Assignment:
             self.full_since = None
             self.set_paused(False)
             due = self.pipeline.seconds_until_due()
-            busy = self.checkpoint.delivering
-            timeout = 0.0 if busy else POLL_INTERVAL_S if due is None else min(POLL_INTERVAL_S, due)
+            if self.checkpoint.delivering:
+                self.checkpoint.serve(ACK_WAIT_S if due is None else min(ACK_WAIT_S, due))
+                timeout = 0.0  # what librdkafka fetched meanwhile is taken, and the acknowledgements served next turn
+            else:
+                timeout = POLL_INTERVAL_S if due is None else min(POLL_INTERVAL_S, due)
             self._fetch(min(wanted, 1000), timeout)
             return
         # Full. For a moment, simply stop taking records. If it lasts (a long generate()), pause every partition
@@ -80,7 +87,7 @@ class Assignment:
         if time.monotonic() - self.full_since >= PAUSE_AFTER_S:
             self.keep_alive()
         if self.checkpoint.delivering:
-            self.checkpoint.serve(0.005)  # returns as soon as a delivery report arrives
+            self.checkpoint.serve(ACK_WAIT_S)  # returns as soon as a delivery report arrives
         else:
             # Wake seldom: every wake takes the GIL from the engine's thread, which needs it to launch kernels.
             self.pipeline.wait(0.25 if self.paused else 0.05)

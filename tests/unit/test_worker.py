@@ -472,3 +472,45 @@ def test_a_commit_releases_one_micro_batch_even_when_two_finished_behind_it(mode
     assert run(worker, until) == 0
     released = [b - a for a, b in zip([0] + produced_at_commit, produced_at_commit)]
     assert released and max(released) <= 2, f"records released per commit: {released}"
+
+
+class SlowAckProducer(FakeProducer):
+    """As librdkafka: poll(timeout) waits out its timeout when no delivery report comes (here: while `hold`)."""
+
+    def poll(self, timeout: float = 0) -> int:
+        if self.hold and timeout and timeout > 0:
+            time.sleep(timeout)
+        return super().poll(timeout)
+
+
+class CountingConsumer(FakeGroupConsumer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def consume(self, num_messages: int = 1, timeout: float = -1):
+        self.calls += 1
+        return super().consume(num_messages, timeout)
+
+
+def test_while_outputs_await_their_acknowledgement_the_loop_waits_for_it_instead_of_spinning():
+    # A loop that polls back to back while outputs are in flight holds the interpreter the engine's thread needs.
+    consumer, producer = CountingConsumer("in", partitions=1), SlowAckProducer()
+    feed(consumer, 2)
+    producer.hold = True  # the broker is slow to acknowledge
+    worker = Worker(settings(batch_max_records=2), ExtractiveEngine(), consumer=consumer, producer=producer)
+    window: dict[str, float] = {}
+
+    def until() -> bool:
+        if "start" not in window and any(e[0] == "produce" and e[1] == "out" for e in producer.events):
+            window["start"], window["calls"] = time.monotonic(), consumer.calls
+        if "start" in window and time.monotonic() - window["start"] >= 0.3:
+            window["turns"] = consumer.calls - window["calls"]
+            producer.hold = False
+            return True
+        return False
+
+    assert run(worker, until) == 0
+    # Waiting up to 5 ms for an acknowledgement each turn: at most ~60 turns in 0.3 s (spinning made thousands).
+    assert "turns" in window and window["turns"] <= 120, window
+    assert sorted(summaries(producer)) == ["evt-000000", "evt-000001"]
