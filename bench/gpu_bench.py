@@ -66,6 +66,8 @@ from processor.prompt import PromptBuilder  # noqa: E402
 from processor.settings import load_settings  # noqa: E402
 from processor.ops.tools import produce_events  # noqa: E402
 
+from bench.probes import CoreProbe, CpuWindow  # noqa: E402
+
 FAST_GROUP = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 
 
@@ -367,21 +369,24 @@ def run_worker(broker: EmbeddedBroker, engine: Any, settings_overrides: dict[str
 def processor_vs_engine(engine: Any, settings_overrides: dict[str, Any], events: list[dict[str, Any]], batch: int,
                         also_main_thread: bool = True, broker: EmbeddedBroker | None = None,
                         counter: StepCounter | None = None, alone_first: list[list[Prompt]] | None = None,
-                        replay_out: list[list[Prompt]] | None = None) -> dict[str, Any]:
+                        replay_out: list[list[Prompt]] | None = None, probe: CoreProbe | None = None) -> dict[str, Any]:
     """micro_batch: the engine alone replays the processor's batches on a thread (as the loop runs it) and, with
     `also_main_thread`, on the main thread too; the faster of the two is the engine's figure. `alone_first`: the
     engine alone runs first, on these batches (an earlier processor run's of the same events), then the processor —
     pairs alternating the order cancel a drift of the engine's speed over the pairs. `replay_out` receives this
     processor run's batches (for such a later pair)."""
     if settings_overrides.get("generation_mode") == "continuous":
-        return processor_vs_engine_continuous(engine, settings_overrides, events, batch, broker, alone_first, replay_out)
+        return processor_vs_engine_continuous(engine, settings_overrides, events, batch, broker, alone_first, replay_out, probe)
     recording = RecordingEngine(engine)
+    alone_cpu, processor_cpus = CpuWindow(), CpuWindow()
     if alone_first is not None:
         cpu_before = time.process_time()
-        alone = replay_batches(engine, alone_first, in_thread=True)
+        with alone_cpu:
+            alone = replay_batches(engine, alone_first, in_thread=True)
         replay_cpu = time.process_time() - cpu_before
     with Broker(broker) as live:
-        _, started, ended, processor_cpu, dead = run_worker(live, recording, settings_overrides, events, batch)
+        with processor_cpus:
+            _, started, ended, processor_cpu, dead = run_worker(live, recording, settings_overrides, events, batch)
         processor_seconds = ended - started
         # Random weights sample ids outside a small trained tokenizer, which decode to nothing: those events were
         # generated like the rest and then dead-lettered as empty. Fewer generated means they never reached the engine.
@@ -395,7 +400,8 @@ def processor_vs_engine(engine: Any, settings_overrides: dict[str, Any], events:
             # The engine alone on exactly the batches the processor formed, the broker still up: on a worker thread
             # as the loop runs it, and on the main thread.
             cpu_before = time.process_time()
-            alone = replay_batches(engine, batches, in_thread=True)
+            with alone_cpu:
+                alone = replay_batches(engine, batches, in_thread=True)
             replay_cpu = time.process_time() - cpu_before
     thread_seconds, thread_durations = alone.seconds, alone.durations
     main_seconds, main_durations = (replay(engine, batches, in_thread=False) if also_main_thread and alone_first is None
@@ -434,27 +440,44 @@ def processor_vs_engine(engine: Any, settings_overrides: dict[str, Any], events:
         "steps_alone": steps_alone,
         "engine_idle_share": round(1 - busy / span, 4) if span > 0 else 0.0,
         "engine_idle_share_incl_first_fill_and_last_commit": round(1 - busy / processor_seconds, 4),
+        **outside_interpreter(probe, (recording.calls[0][1], recording.calls[-1][2]), (alone.started, alone.started + alone.seconds),
+                              processor_cpus, alone_cpu),
+    }
+
+
+def outside_interpreter(probe: CoreProbe | None, processor_span: tuple[float, float], alone_span: tuple[float, float],
+                        processor_cpus: CpuWindow, alone_cpus: CpuWindow) -> dict[str, Any]:
+    """Where each run's time went outside this process's interpreter (bench/probes.py): the engine core's pace and
+    the front end's lag over each run's engine span, and the CPU of other processes and of this one's threads."""
+    return {
+        "core_in_processor": probe.between(*processor_span) if probe else None,
+        "core_alone": probe.between(*alone_span) if probe else None,
+        "cpu_in_processor": processor_cpus.report(),
+        "cpu_alone": alone_cpus.report(),
     }
 
 
 def processor_vs_engine_continuous(engine: Any, settings_overrides: dict[str, Any], events: list[dict[str, Any]], batch: int,
                                    broker: EmbeddedBroker | None = None, alone_first: list[list[Prompt]] | None = None,
-                                   replay_out: list[list[Prompt]] | None = None) -> dict[str, Any]:
+                                   replay_out: list[list[Prompt]] | None = None, probe: CoreProbe | None = None) -> dict[str, Any]:
     """(b, c) with GENERATION_MODE=continuous: the processor feeds the engine through its ContinuousFeed; the engine
     alone is a ContinuousFeed given the very same prompts at once (`alone_first`: before the processor, the prompts
     of an earlier processor run of the same events)."""
     max_new_tokens = reserved_new_tokens(load_settings(**settings_overrides))  # what the processor's feed reserves
 
+    alone_cpus, processor_cpus = CpuWindow(), CpuWindow()
+
     def alone(prompts: list[Prompt]) -> tuple[float, int, float, list[tuple[float, float, int]]]:
         cpu_before = time.process_time()
         alone_steps: list[tuple[float, float, int]] = []
-        seconds, tokens = feed_alone(engine, prompts, max_new_tokens, window=batch, steps=alone_steps)
+        with alone_cpus:
+            seconds, tokens = feed_alone(engine, prompts, max_new_tokens, window=batch, steps=alone_steps)
         return seconds, tokens, time.process_time() - cpu_before, alone_steps
 
     if alone_first is not None:
         alone_seconds, alone_tokens, alone_cpu, alone_steps = alone(alone_first[0])
     recording = StreamingRecordingEngine(engine)
-    with Broker(broker) as live:
+    with Broker(broker) as live, processor_cpus:
         settings, started, ended, processor_cpu, dead = run_worker(live, recording, settings_overrides, events, batch)
     prompts = list(recording.added)
     if len(prompts) != len(events):
@@ -492,6 +515,8 @@ def processor_vs_engine_continuous(engine: Any, settings_overrides: dict[str, An
         "step_ms_median_alone": round(1000 * statistics.median(e - s for s, e, _ in alone_steps), 3) if alone_steps else None,
         "engine_idle_share": round(idle_share(steps, first_add, last_step), 4),
         "engine_idle_share_incl_first_fill_and_last_commit": round(idle_share(steps, started, ended), 4),
+        **outside_interpreter(probe, (first_add, last_step), (alone_steps[0][0], alone_steps[-1][1]) if alone_steps else (0.0, 0.0),
+                              processor_cpus, alone_cpus),
     }
 
 
@@ -632,6 +657,7 @@ def run_pairs(engine: Any, args: argparse.Namespace, modes: list[str], overrides
     the modes interleaved so that a time limit leaves each as many pairs; no pair starts that would end after
     --stop-at. One broker and one engine serve them all."""
     counter = StepCounter(engine)
+    probe = CoreProbe(engine)
     blocks: dict[str, dict[str, Any]] = {}
     replays: dict[str, list[list[Prompt]]] = {}  # each mode's last processor run's batches (prompts)
     late = lambda seconds: bool(args.stop_at) and time.time() + seconds > args.stop_at  # noqa: E731
@@ -688,7 +714,7 @@ def run_pairs(engine: Any, args: argparse.Namespace, modes: list[str], overrides
                 replays[mode] = []
                 run = processor_vs_engine(engine, dict(overrides, generation_mode=mode), pool[: block["events_per_run"]], batch,
                                           also_main_thread=args.repeats == 1, broker=broker, counter=counter,
-                                          alone_first=alone_first, replay_out=replays[mode])
+                                          alone_first=alone_first, replay_out=replays[mode], probe=probe)
                 row = pair_row(run, time.perf_counter() - started)
                 row["order"] = run["order"]
                 block["runs"].append(run)
@@ -699,10 +725,21 @@ def run_pairs(engine: Any, args: argparse.Namespace, modes: list[str], overrides
                       f"{row['tokens_per_s_ratio']}, steps ratio {row['engine_steps_ratio']}, CPU s {row['cpu_s']} vs "
                       f"{row['cpu_s_alone']}, {row['events_per_s']} vs {row['events_per_s_alone']} events/s, "
                       f"{row['tokens_per_s']} vs {row['tokens_per_s_alone']} tokens/s, pair {row['pair_wall_seconds']} s", flush=True)
+                print(f"      outside the interpreter, processor vs alone: {outside_line(run)}", flush=True)
                 save(blocks)
     for block in blocks.values():
         block.setdefault("median", mode_summary(block["pairs"]))
     return blocks
+
+
+def outside_line(run: dict[str, Any]) -> str:
+    core, alone = run.get("core_in_processor"), run.get("core_alone")
+    core_text = (f"engine core step {core['core_step_ms_median']} vs {alone['core_step_ms_median']} ms (p90 "
+                 f"{core['core_step_ms_p90']} vs {alone['core_step_ms_p90']}), core span {core['core_span_s']} vs "
+                 f"{alone['core_span_s']} s, front end lag {core['lag_ms_median']} vs {alone['lag_ms_median']} ms (last "
+                 f"{core['lag_ms_last']} vs {alone['lag_ms_last']}); " if core and alone else "")
+    return (f"{core_text}CPU s by process {run['cpu_in_processor']['processes']} vs {run['cpu_alone']['processes']}, "
+            f"by thread {run['cpu_in_processor']['threads']} vs {run['cpu_alone']['threads']}")
 
 
 def build_engine(args: argparse.Namespace, settings: Any) -> Any:

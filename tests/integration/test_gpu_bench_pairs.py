@@ -32,4 +32,6 @@ def test_a_pair_runs_the_engine_alone_first_on_the_previous_runs_prompts(broker,
     # The engine alone ran the first run's prompts: the same work as both processor runs did.
     assert again["engine_only_completion_tokens"] == run["engine_only_completion_tokens"] == again["completion_tokens"]
     assert again["events"] == 8 and again["processor_events_per_s"] > 0
+    # Where each run's time went outside the interpreter: the double has no engine core process to probe.
+    assert again["core_in_processor"] is None and set(again["cpu_in_processor"]) == {"processes", "threads"}
     assert sorted(p.event.event_id for batch in second for p in batch) == sorted(e["event_id"] for e in events)
