@@ -29,6 +29,13 @@ POLL_INTERVAL_S = 0.1
 # soon as one arrives) instead of polling the consumer back to back with no timeout: that spin held the interpreter
 # the engine's thread needs — ~4,000 empty loop turns a second in continuous mode on the embedded broker.
 ACK_WAIT_S = 0.005
+# While records are in hand (read, not yet committed), a wait for more lasts this long at most. librdkafka's consume()
+# cannot be woken from another thread (confluent-kafka-python #1321: "use a lower poll timeout"), and it returns early
+# only with as many records as asked for: on a topic with fewer (its end, a slow stream), what the engine finished,
+# a batch waiting behind a commit, or a commit due after the last acknowledgement all waited the whole POLL_INTERVAL_S
+# (measured on the embedded broker: 100 ms from the last generate() to its first produce(), 100 more to its commit).
+# An idle loop still waits POLL_INTERVAL_S.
+RESULT_WAIT_S = 0.01
 PAUSE_AFTER_S = 0.5  # far below any max.poll.interval.ms librdkafka accepts (≥ 1 s)
 # A stop during the group join waits this long at most for the join to complete, so the member can leave the group
 # cleanly: mid-join, librdkafka's LeaveGroup waits behind the broker's pending JoinGroup and times out after 5 s
@@ -77,7 +84,8 @@ class Assignment:
                 self.checkpoint.serve(ACK_WAIT_S if due is None else min(ACK_WAIT_S, due))
                 timeout = 0.0  # what librdkafka fetched meanwhile is taken, and the acknowledgements served next turn
             else:
-                timeout = POLL_INTERVAL_S if due is None else min(POLL_INTERVAL_S, due)
+                timeout = min(RESULT_WAIT_S if self.checkpoint.uncommitted else POLL_INTERVAL_S,
+                              POLL_INTERVAL_S if due is None else due)
             self._fetch(min(wanted, 1000), timeout)
             return
         # Full. For a moment, simply stop taking records. If it lasts (a long generate()), pause every partition
@@ -88,6 +96,8 @@ class Assignment:
             self.keep_alive()
         if self.checkpoint.delivering:
             self.checkpoint.serve(ACK_WAIT_S)  # returns as soon as a delivery report arrives
+        elif self.checkpoint.finished_waiting:
+            self.pipeline.wait(RESULT_WAIT_S)  # a batch behind a commit: nothing from the engine wakes the wait for it
         else:
             # Wake seldom: every wake takes the GIL from the engine's thread, which needs it to launch kernels.
             self.pipeline.wait(0.25 if self.paused else 0.05)

@@ -12,6 +12,7 @@ from collections import Counter
 import time
 from typing import Any
 
+from processor.assignment import RESULT_WAIT_S
 from processor.checkpoint import CommitPolicy
 from processor.codec import EVENT_SCHEMA, AvroCodec
 from processor.engines.extractive import ExtractiveEngine
@@ -513,4 +514,44 @@ def test_while_outputs_await_their_acknowledgement_the_loop_waits_for_it_instead
     assert run(worker, until) == 0
     # Waiting up to 5 ms for an acknowledgement each turn: at most ~60 turns in 0.3 s (spinning made thousands).
     assert "turns" in window and window["turns"] <= 120, window
+    assert sorted(summaries(producer)) == ["evt-000000", "evt-000001"]
+
+
+class LibrdkafkaConsumer(FakeGroupConsumer):
+    """As librdkafka's consume(): it returns before its timeout only with as many records as asked for. Remembers
+    the timeouts of the waits made while `engine` was generating."""
+
+    def __init__(self, *args: Any, engine: GatedEngine, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.engine = engine
+        self.waits_while_generating: list[float] = []
+
+    def consume(self, num_messages: int = 1, timeout: float = -1):
+        got = super().consume(num_messages, timeout)
+        if len(got) < num_messages and timeout > 0:
+            if self.engine.started.is_set() and not self.engine.gate.is_set():
+                self.waits_while_generating.append(timeout)
+            time.sleep(min(timeout, 0.2))
+        return got
+
+
+def test_while_the_engine_generates_a_wait_for_records_is_short_so_what_it_finishes_goes_out_soon():
+    # librdkafka's consume() cannot be woken from another thread: a long wait for records that do not come (the
+    # topic's end, a slow stream) held back what the engine finished meanwhile, by up to POLL_INTERVAL_S.
+    engine = GatedEngine()
+    consumer, producer = LibrdkafkaConsumer("in", engine=engine), FakeProducer()
+    feed(consumer, 2)
+    worker = Worker(settings(batch_max_records=4), engine, consumer=consumer, producer=producer)
+
+    def finish_later() -> None:
+        if engine.started.wait(10):
+            time.sleep(0.3)
+        engine.gate.set()
+
+    opener = threading.Thread(target=finish_later, daemon=True)
+    opener.start()
+    assert run(worker, lambda: worker.records_committed >= 2) == 0
+    opener.join(5)
+    assert consumer.waits_while_generating, "the loop waited for records while the engine generated"
+    assert max(consumer.waits_while_generating) <= RESULT_WAIT_S, consumer.waits_while_generating
     assert sorted(summaries(producer)) == ["evt-000000", "evt-000001"]
