@@ -766,6 +766,32 @@ def build_engine(args: argparse.Namespace, settings: Any) -> Any:
     return VllmEngine.from_settings(settings, llm_factory=lambda **kw: vllm.LLM(**kw, num_gpu_blocks_override=args.fake_blocks))
 
 
+def fix_model_lengths(engine: Any, events: list[dict[str, Any]], settings: Any, modes: list[str]) -> dict[str, Any]:
+    """--model-lengths: one generate() over the events' prompts (as the processor builds them) with the engine's
+    sampling as it is, then every later request of an event asks for exactly the length the model chose for it
+    (max_tokens with ignore_eos). A real model's sampled lengths otherwise differ between the two runs of a pair
+    (batch-dependent numerics change the samples even with a seed per event): measured on an H200, SmolLM2's engine
+    steps differed by up to 22 % between the runs of a continuous-mode pair."""
+    builder = PromptBuilder(engine.tokenizer, settings.max_model_len, settings.sampling_max_tokens, settings.summary_language)
+    prompts = [builder.build(validate_event(e)) for e in events]
+    started = time.perf_counter()
+    outcomes = engine.generate(prompts)
+    seconds = time.perf_counter() - started
+    lengths = {p.event.event_id: max(1, o.completion_tokens) for p, o in zip(prompts, outcomes) if isinstance(o, Generation)}
+    for mode in modes:  # the warm-up's events copy the first events
+        lengths.update({f"cal-{mode}-{i:05d}": lengths[e["event_id"]] for i, e in enumerate(events) if e["event_id"] in lengths})
+    base = engine.sampling_override
+    # Events not in the list (the worker's warm-up prompt) get a short answer.
+    engine.sampling_override = lambda p: {**(base(p) if base else {}), "max_tokens": lengths.get(p.event.event_id, 32),
+                                          "ignore_eos": True}
+    values = sorted(lengths[e["event_id"]] for e in events if e["event_id"] in lengths)
+    summary = {"events": len(values), "seconds": round(seconds, 2), "median": statistics.median(values) if values else None,
+               "max": values[-1] if values else None, "at_cap": sum(1 for v in values if v >= settings.sampling_max_tokens)}
+    print(f"    model's own lengths over {summary['events']} events in {seconds:.1f} s: median {summary['median']}, "
+          f"max {summary['max']}, {summary['at_cap']} at the cap; fixed for every run", flush=True)
+    return summary
+
+
 def event_seed(event_id: str) -> int:
     """A request's sampling seed from its event id: the same event samples the same tokens in both runs of a pair."""
     return zlib.crc32(event_id.encode("utf-8"))
@@ -808,6 +834,10 @@ def main() -> int:
                         help="vLLM: each request sampled with a seed made from its event id, so the processor and the "
                              "engine alone generate the same lengths for the same event (natural lengths: a pair compares "
                              "like with like)")
+    parser.add_argument("--model-lengths", action="store_true",
+                        help="vLLM: the model's own output lengths, sampled once (one generate() over the events' prompts, "
+                             "the settings' sampling, its own stops) and then fixed for every run (max_tokens with "
+                             "ignore_eos): natural lengths, and both runs of a pair do the same work")
     parser.add_argument("--repeats", type=int, default=1, help="(b, c): processor/engine-alone pairs, back to back; the median pair is reported")
     parser.add_argument("--pair-seconds", type=float, default=0.0,
                         help="size each run so a pair takes about this long, from the engine alone's speed (0: --processor-events)")
@@ -903,6 +933,11 @@ def main() -> int:
         if not hasattr(engine, "sampling_override"):
             raise SystemExit("--seed-per-event needs --engine vllm (per-request sampling parameters)")
         engine.sampling_override = seeded(engine.sampling_override)
+    model_lengths = None
+    if args.model_lengths:
+        if not hasattr(engine, "sampling_override") or args.long_tail:
+            raise SystemExit("--model-lengths needs --engine vllm and no --long-tail")
+        model_lengths = fix_model_lengths(engine, events[: args.processor_events], settings, modes)
     sweep: list[dict[str, Any]] = []
     speedup = None
     batch = args.batch
@@ -938,7 +973,7 @@ def main() -> int:
                      "kv_tokens": budget.kv_tokens if budget else None,
                      "sampling": {"temperature": settings.sampling_temperature, "top_p": settings.sampling_top_p}},
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "generation_mode": modes[0],
-        "long_tail": args.long_tail,
+        "long_tail": args.long_tail, "model_lengths": model_lengths,
         # The GIL switch interval the worker ran at (Worker.run sets its own and restores the process's after).
         "switch_interval_ms": round(min(sys.getswitchinterval(), processor.loop.GIL_SWITCH_INTERVAL_S) * 1000, 3),
         "batch_sweep": sweep, "best_batch": batch, "speedup_best_vs_single": round(speedup, 2) if speedup else None,
