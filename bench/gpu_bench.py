@@ -629,7 +629,22 @@ def pair_row(run: dict[str, Any], wall: float) -> dict[str, Any]:
         "tokens_per_s": tokens_s, "tokens_per_s_alone": tokens_s_alone,
         "summaries_per_hour": round(3600 * run["processor_events_per_s"]),
         "pair_wall_seconds": round(wall, 1),
+        **pace_split(run),
     }
+
+
+def pace_split(run: dict[str, Any]) -> dict[str, float | None]:
+    """The ratio in two factors (vLLM V1, where the engine core's outputs carry its own timestamps): the engine core's
+    pace, alone / in the processor (its first to last output batch; the same work, so below 1 the core itself stepped
+    slower in the processor's run), and the ratio at equal pace — each run's time outside the core's span (the first
+    fill, the last publish and commit, any gap) added to the same core span: what the processor itself costs."""
+    core, alone = run.get("core_in_processor"), run.get("core_alone")
+    if not core or not alone or core["core_span_s"] <= 0:
+        return {"core_pace": None, "ratio_at_equal_pace": None}
+    outside = run["processor_seconds"] - core["core_span_s"]
+    outside_alone = run["engine_only_seconds"] - alone["core_span_s"]
+    return {"core_pace": round(alone["core_span_s"] / core["core_span_s"], 4),
+            "ratio_at_equal_pace": round((core["core_span_s"] + outside_alone) / (core["core_span_s"] + outside), 4)}
 
 
 def median_of(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -640,7 +655,7 @@ def median_of(rows: list[dict[str, Any]], key: str) -> float | None:
 def mode_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {key: median_of(rows, key) for key in (
         "ratio", "tokens_per_s_ratio", "engine_steps_ratio", "cpu_s", "cpu_s_alone", "events_per_s",
-        "events_per_s_alone", "tokens_per_s", "tokens_per_s_alone", "summaries_per_hour")}
+        "events_per_s_alone", "tokens_per_s", "tokens_per_s_alone", "summaries_per_hour", "core_pace", "ratio_at_equal_pace")}
 
 
 TABLE_HEADER = ("| model | mode | pairs × events | processor / engine alone: median (each pair) | tokens/s ratio | "
@@ -750,6 +765,9 @@ def outside_line(run: dict[str, Any]) -> str:
                  f"{core['core_step_ms_p90']} vs {alone['core_step_ms_p90']}), core span {core['core_span_s']} vs "
                  f"{alone['core_span_s']} s, front end lag {core['lag_ms_median']} vs {alone['lag_ms_median']} ms (last "
                  f"{core['lag_ms_last']} vs {alone['lag_ms_last']}); " if core and alone else "")
+    split = pace_split(run)
+    core_text += (f"core pace alone / in processor {split['core_pace']}, ratio at equal pace {split['ratio_at_equal_pace']}; "
+                  if split["core_pace"] is not None else "")
     return (f"{core_text}CPU s by process {run['cpu_in_processor']['processes']} vs {run['cpu_alone']['processes']}, "
             f"by thread {run['cpu_in_processor']['threads']} vs {run['cpu_alone']['threads']}")
 

@@ -111,3 +111,16 @@ def test_a_seed_per_event_is_the_same_for_an_event_in_both_runs_and_keeps_the_ot
     assert first["seed"] != other["seed"]
     assert seeded(None)(prompt("e-1"))["seed"] == first["seed"]
 
+
+
+def test_the_pace_split_separates_the_engine_cores_own_pace_from_what_the_processor_adds():
+    from bench.gpu_bench import pace_split
+
+    # The core took 10 s in the processor's run and 9 s alone; the processor added 0.3 s around it, the engine alone 0.1 s.
+    run = {"processor_seconds": 10.3, "engine_only_seconds": 9.1,
+           "core_in_processor": {"core_span_s": 10.0}, "core_alone": {"core_span_s": 9.0}}
+    split = pace_split(run)
+    assert split["core_pace"] == 0.9
+    assert split["ratio_at_equal_pace"] == round(10.1 / 10.3, 4)
+    assert pace_split({"processor_seconds": 1.0, "engine_only_seconds": 1.0, "core_in_processor": None, "core_alone": None}) == {
+        "core_pace": None, "ratio_at_equal_pace": None}
